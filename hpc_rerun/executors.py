@@ -1,0 +1,29 @@
+"""Where shards run: a Slurm job array through submitit, never a silent fall-back to local."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import submitit
+
+
+class SlurmUnavailable(RuntimeError):
+    """Slurm was asked for but its client commands are not usable here."""
+
+
+def check_slurm_clients() -> None:
+    """Fail with a fix when sbatch/srun/sacct are missing (submitit would quietly run locally)."""
+    missing = [c for c in ("sbatch", "srun", "sacct", "squeue") if shutil.which(c) is None]
+    if missing:
+        raise SlurmUnavailable(
+            f"Slurm was asked for, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH. "
+            "Load your cluster's Slurm module (e.g. `module load slurm`), start the dev cluster "
+            "(`sudo slurm/dev-cluster start`), or use `--executor local`."
+        )
+
+
+def slurm_executor(folder: str | Path) -> submitit.AutoExecutor:
+    """A submitit executor that is Slurm for certain (``cluster="slurm"`` explicitly)."""
+    check_slurm_clients()
+    return submitit.AutoExecutor(folder=str(folder), cluster="slurm")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install hpc-rerun into it (with the test extras when given "test").
+# torch/torchvision are pinned to the CUDA builds this project is tested with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  [ "$(id -u)" -eq 0 ] || { echo "install: python3 venv support is missing; run: sudo apt-get install -y python3-venv" >&2; exit 1; }
+  apt-get update -q && apt-get install -y -q python3-venv python3-pip
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+extras=""
+[ "${1:-}" = test ] && extras="[test]"
+.venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v "^WARNING: Location" || true; }
+.venv/bin/pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | { grep -v "^WARNING: Location" || true; }
