@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .benchmark import DEFAULT_TASK_LIST, BenchmarkError, load_tasks
 
 HELP = """Finish a large VLM evaluation on a Slurm cluster.
 
 \b
-The flow:
-  scan          find every missing or failed task per configuration
-  plan          turn the runnable gaps into cost-balanced shards (a run directory under logs/)
-  submit        one Slurm job array (or local processes) that reruns the shards
-  status        progress, rate, ETA and failures of a run
-  resubmit      rerun only what is still missing, with escalation
-  merge-shards  merge the answers back into the result files, atomically
-  run           all of the above in one command
+The flow: scan (what is missing, and why) -> plan (cost-balanced shards) -> submit (one Slurm job
+array) -> status / resubmit -> merge-shards (answers back into the result files, atomically).
+The commands this version has are listed below; `hpc-rerun COMMAND --help` explains each.
 
-Exit codes: 0 success, 1 a check failed (e.g. gaps with --fail-on-gaps), 2 bad usage or unreadable input.
+\b
+Exit codes: 0 success, 1 a check failed (e.g. runnable gaps with --fail-on-gaps),
+2 bad usage, 3 an input could not be read (named on stderr).
 """
+
+EXIT_GAPS = 1
+EXIT_BAD_INPUT = 3
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,6 +47,80 @@ def build_tiny_model(out_dir: Path, seed: int) -> None:
 
     path = build_tiny_qwen3vl(out_dir, seed=seed)
     click.echo(f"tiny Qwen3-VL written to {path}")
+
+
+def default_task_list(data_root: Path) -> Path:
+    """QA_final_sc_filled.json in the data root or beside it (where the benchmark keeps it)."""
+    for candidate in (data_root / DEFAULT_TASK_LIST, data_root.parent / DEFAULT_TASK_LIST):
+        if candidate.exists():
+            return candidate
+    return data_root / DEFAULT_TASK_LIST
+
+
+def parse_run_dir(value: str) -> tuple[Path, str | None]:
+    path, sep, config = value.partition("=")
+    return Path(path), (config if sep else None)
+
+
+@main.command()
+@click.argument("results_root", required=False, type=click.Path(path_type=Path))
+@click.option("--data-root", type=click.Path(path_type=Path),
+              help="Benchmark data folder (latex/, html/, csv/, markdown/, json/, image/, tables/).")
+@click.option("--tasks", "task_list", type=click.Path(path_type=Path),
+              help=f"Task list; default: {DEFAULT_TASK_LIST} in or beside the data root.")
+@click.option("--project", "project_file", type=click.Path(path_type=Path),
+              help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs].")
+@click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR[=CONFIG]",
+              help="A run directory (results_*.json, checkpoint.json) whose answers count too; "
+                   "its configuration is read from its files unless given.")
+@click.option("--config", "only", multiple=True, metavar="NAME", help="Only this configuration (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON (ids included).")
+@click.option("--write-reports", is_flag=True, help="Write skip_ids.json beside each configuration's result file.")
+@click.option("--fail-on-gaps", is_flag=True, help=f"Exit {EXIT_GAPS} when any configuration has runnable gaps.")
+def scan(results_root, data_root, task_list, project_file, run_dirs, only, as_json, write_reports, fail_on_gaps):
+    """Find every missing or failed task per configuration under RESULTS_ROOT.
+
+    RESULTS_ROOT is the compiled tree <variant>/<modality>[_<format>]/results*.json. Each task is
+    success, error (oom_text, oom_image, missing_input, format_failure, ...), absent, or unrunnable
+    (a source file it needs does not exist). Runnable = absent or failed, with every file present.
+
+    \b
+    Examples:
+      hpc-rerun scan result/complied --data-root data
+      hpc-rerun scan result/complied --data-root data --run-dir result/rerun-text_html --json
+      hpc-rerun scan --project hpc-rerun.toml --write-reports --fail-on-gaps
+    """
+    from .project import load_project
+    from .scan import scan_tree, write_skip_reports
+
+    try:
+        project = load_project(project_file)
+        results_root = results_root or project.results_root
+        data_root = data_root or project.data_root
+        if results_root is None or data_root is None:
+            raise click.UsageError("give RESULTS_ROOT and --data-root (or a --project file that names them)")
+        task_list = task_list or project.tasks or default_task_list(data_root)
+        tasks = load_tasks(task_list)
+    except BenchmarkError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    runs = project.runs + [parse_run_dir(r) for r in run_dirs]
+    report = scan_tree(results_root, tasks, task_list, data_root, runs, only, project.configs)
+    written = write_skip_reports(report) if write_reports else []
+    if as_json:
+        out = report.to_json()
+        out["variants"] = {v: dataclasses.asdict(project.variant(v)) for v in sorted({c.config.variant for c in report.configs})}
+        click.echo(json.dumps(out, indent=2))
+    else:
+        from .report import print_scan
+
+        print_scan(report, written)
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    if report.problems:
+        sys.exit(EXIT_BAD_INPUT)
+    if fail_on_gaps and any(c.runnable for c in report.configs):
+        sys.exit(EXIT_GAPS)
 
 
 if __name__ == "__main__":
