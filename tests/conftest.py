@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
 
 
