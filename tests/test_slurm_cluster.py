@@ -114,3 +114,29 @@ def test_start_with_a_busy_port_names_it(tmp_path):
     assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr
     assert "HPC_RERUN_SLURM_PORT=" in proc.stderr, "the message says how to pick other ports"
     assert not (tmp_path / "state" / "run" / "munged.pid").exists(), "no daemon was started"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"  # a zombie has exited; only its parent can reap it
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_leaves_no_daemon_and_start_brings_it_back(slurm_cluster, tmp_path):
+    run_dir = os.path.join(os.path.dirname(os.path.dirname(slurm_cluster)), "run")
+    pids = {name[:-4]: int(open(os.path.join(run_dir, name)).read()) for name in os.listdir(run_dir)
+            if name.endswith(".pid")}
+    assert set(pids) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}
+    try:
+        stop = subprocess.run([str(DEV_CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert [name for name, pid in pids.items() if _alive(pid)] == []
+        assert subprocess.run([str(DEV_CLUSTER), "status"], capture_output=True).returncode == 3
+    finally:
+        start = subprocess.run([str(DEV_CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    executor = slurm_executor(tmp_path / "submitit")
+    executor.update_parameters(timeout_min=5, cpus_per_task=1)
+    assert executor.submit(fail_on_three, 5).result() == 5, "jobs run again after the restart"
