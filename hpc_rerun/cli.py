@@ -123,5 +123,25 @@ def scan(results_root, data_root, task_list, project_file, run_dirs, only, as_js
         sys.exit(EXIT_GAPS)
 
 
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--greedy", is_flag=True, help="Greedy decoding instead of the configuration's sampling settings.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each failed task and retry.")
+def worker(spec, greedy, verbose):
+    """Run one shard (SPEC = <run>/attempt-N/shard-NNNN.json) on this machine.
+
+    Loads the model once, answers every task not yet in the shard file (SPEC with .jsonl), and appends
+    one record per task. Safe to rerun: it resumes where the file ends. This is what each Slurm array
+    element runs.
+    """
+    import logging
+
+    from .worker import run_shard
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    summary = run_shard(spec, greedy=greedy)
+    click.echo(json.dumps(summary))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,119 @@
+"""The model backend: Qwen3-VL through transformers + qwen-vl-utils, loaded once, batched generate.
+
+Works the same for Qwen3-VL-8B-Instruct on a GPU and the tiny test model on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+PATCH = 16  # Qwen3-VL vision patch size (qwen_vl_utils' default of 14 is Qwen2's)
+TOKEN_PIXELS = 32  # one visual token per 32x32 px after the 2x2 merge
+DEFAULT_MAX_PIXELS = 16384 * TOKEN_PIXELS**2  # the processor's own limit (~16.8M px)
+DEFAULT_MIN_PIXELS = 4 * TOKEN_PIXELS**2
+# Measured (docs/performance.md, ../shared/notes/gpu-baseline.md): 200K prompt tokens fit in 80 GB
+# beside the 8B weights (16.3 GiB); the budget scales with the memory left after the weights.
+MEASURED_TOKENS, MEASURED_GIB, WEIGHTS_GIB = 200_000, 80, 17
+
+
+def default_token_budget(device: torch.device) -> int:
+    """Prompt tokens one task may have on this device before it is truncated."""
+    if device.type != "cuda":
+        return 262_144
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
+    scale = max(total_gib - WEIGHTS_GIB, 1) / (MEASURED_GIB - WEIGHTS_GIB)
+    return int(MEASURED_TOKENS * scale)
+
+
+def fit_image(image: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
+    """Resize to what the processor would feed the model (multiples of 32 px, inside the pixel limits).
+
+    Huge images are first reduced in integer steps so nothing above the cap is ever passed on.
+    """
+    from qwen_vl_utils.vision_process import smart_resize
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    min_pixels = min(min_pixels or DEFAULT_MIN_PIXELS, max_pixels)
+    width, height = image.size
+    if width * height > 4 * max_pixels:
+        image = image.reduce(math.floor(math.sqrt(width * height / max_pixels)))
+        width, height = image.size
+    new_h, new_w = smart_resize(height, width, factor=TOKEN_PIXELS, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return image
+
+
+@dataclass
+class Request:
+    """One prompt ready for the model: text, optional image already fitted, generation settings."""
+
+    text: str
+    image: Image.Image | None
+    generation: dict
+    prompt_tokens: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model_path: str, dtype: str = "auto", device: str | None = None):
+        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.tokenizer = self.processor.tokenizer
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def _conversation(self, request: Request) -> list[dict]:
+        content = []
+        if request.image is not None:
+            w, h = request.image.size
+            content.append({"type": "image", "image": request.image, "resized_height": h, "resized_width": w})
+        content.append({"type": "text", "text": request.text})
+        return [{"role": "user", "content": content}]
+
+    def count_tokens(self, request: Request) -> int:
+        """Prompt tokens: the chat-templated text plus one token per 32x32 px of the fitted image."""
+        text = self.processor.apply_chat_template(self._conversation(request), tokenize=False,
+                                                  add_generation_prompt=True)
+        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if request.image is not None:
+            w, h = request.image.size
+            tokens += (w // TOKEN_PIXELS) * (h // TOKEN_PIXELS) - 1  # the placeholder becomes these
+        return tokens
+
+    def generate(self, requests: list[Request]) -> list[str]:
+        """One left-padded batch; all requests must share generation settings. Raises OOM as is."""
+        from qwen_vl_utils import process_vision_info
+
+        conversations = [self._conversation(r) for r in requests]
+        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        images, _, video_kwargs = process_vision_info(
+            conversations, image_patch_size=PATCH, return_video_kwargs=True, return_video_metadata=True)
+        inputs = self.processor(text=texts, images=images, videos=None, padding=True, padding_side="left",
+                                return_tensors="pt", do_resize=False, **video_kwargs).to(self.device)
+        generation = dict(requests[0].generation)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **generation)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,113 @@
+"""Per-item metrics exactly as the stored results have them, so merged items look like the originals.
+
+F1 / EM / ROUGE-L / SacreBLEU on normalised answers (x100, 2 decimals); Visualization ECR / Pass by
+running the extracted plotting code in the sandbox; Summary / Anomaly analysis keep the LLM-judge
+placeholder the originals carry.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+from .benchmark import XLSX_DIR, XLSX_EXT, Task
+
+GPT_EVAL_PLACEHOLDER = {"GPT_EVAL": "N/A (no eval_api_key)"}
+JUDGED_SUBTYPES = {"Summary Analysis", "Anomaly Analysis"}
+_DECIMAL = re.compile(r"\b\d+\.\d+\b")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+_CODE = re.compile(r"import pandas as pd.*?plt\.show\(\)", re.DOTALL)
+
+
+def normalise(text: str) -> str:
+    """Decimals rounded to 1 place, lower case, no punctuation or articles, single spaces; '' -> '#'."""
+    text = _DECIMAL.sub(lambda m: str(round(float(m.group()), 1)), text)
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = " ".join(_ARTICLES.sub(" ", text).split())
+    return text or "#"
+
+
+def _f1(reference: str, prediction: str) -> float:
+    ref, pred = reference.split(), prediction.split()
+    same = sum((Counter(ref) & Counter(pred)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def text_metrics(reference: str, prediction: str) -> dict[str, float]:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    ref, pred = normalise(str(reference)), normalise(str(prediction))
+    rouge = rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
+    return {
+        "F1": round(_f1(ref, pred) * 100, 2),
+        "EM": round(100.0 * (ref == pred), 2),
+        "ROUGE-L": round(rouge * 100, 2),
+        "SacreBLEU": round(sacrebleu.corpus_bleu([pred], [[ref]]).score, 2),
+    }
+
+
+def extract_plot_code(prediction: str) -> str | None:
+    """The last ``import pandas as pd ... plt.show()`` block of an answer."""
+    blocks = _CODE.findall(prediction)
+    if not blocks:
+        return None
+    code = blocks[-1]
+    last_start = code.rfind("import pandas as pd")
+    return code[last_start:]
+
+
+def _runnable(code: str) -> str:
+    """The prompt's own answer format puts a space after each newline; undo that when it breaks parsing."""
+    try:
+        compile(code, "solution.py", "exec")
+        return code
+    except SyntaxError:
+        return "\n".join(line[1:] if line.startswith(" ") else line for line in code.split("\n"))
+
+
+def _flat_rounded(values) -> list[float]:
+    flat: list[float] = []
+
+    def walk(v):
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        else:
+            flat.append(round(float(v), 2))
+
+    walk(values)
+    return sorted(flat)
+
+
+def visualization_metrics(task: Task, prediction: str, data_root: Path) -> dict:
+    from .sandbox import run_plot_code
+
+    code = extract_plot_code(prediction)
+    if code is None:
+        return {"ECR": False, "Pass": "None"}
+    xlsx = Path(data_root) / XLSX_DIR / f"{task.file_name}{XLSX_EXT}"
+    run = run_plot_code(_runnable(code), xlsx if xlsx.exists() else None, task.file_name)
+    if not run.ok:
+        return {"ECR": False, "Pass": "None"}
+    try:
+        expected = _flat_rounded(ast.literal_eval(str(task.reference).strip()))
+    except (ValueError, SyntaxError, TypeError):
+        return {"ECR": True, "Pass": False}
+    return {"ECR": True, "Pass": _flat_rounded(run.y_values) == expected}
+
+
+def score(task: Task, prediction: str, data_root: Path) -> dict:
+    """The ``Metrics`` object for one answered task."""
+    if task.question_type == "Visualization":
+        return visualization_metrics(task, prediction, data_root)
+    if task.sub_type in JUDGED_SUBTYPES:
+        return dict(GPT_EVAL_PLACEHOLDER)
+    return text_metrics(task.reference, prediction)

@@ -1,0 +1,331 @@
+"""One array element = one shard: load the model once, answer every task, never lose work.
+
+Each task ends as exactly one record in the shard file, success or classified error. The worker
+resumes past what the file already holds (after SIGKILL, time limit or preemption), truncates prompts
+over the token budget the way the users' reruns did, walks an OOM ladder per task, and never lets one
+task's failure stop the shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
+from .engine import Engine, Request, default_token_budget, fit_image
+from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
+from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
+from .shards import RecordWriter, ShardSpec, read_records, records_path
+
+log = logging.getLogger(__name__)
+
+OOM_RETRIES = 3
+TRUNCATE_KEEP, TRUNCATE_SHRINK, TRUNCATE_STEPS = 0.35, 0.8, 5
+MAX_BATCH = 64
+SMALLEST_IMAGE_PIXELS = 4 * 32 * 32  # the processor's minimum: 4 visual tokens
+
+
+class TaskFailure(Exception):
+    """A task that ends as an ``[ERROR]`` record of a known class."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+        self.prediction = f"{ERROR_PREFIX} {message}"
+
+
+@dataclass
+class TaskInput:
+    config: Config
+    task: Task
+    table_text: str | None
+    image: Image.Image | None
+    token_budget: int
+    min_pixels: int | None
+    max_pixels: int | None
+    retries: int = 0
+    truncated_to: int | None = None
+    prompts: PromptSet | None = None
+    request: Request | None = None
+
+
+def source_path(data_root: Path, relpath: str) -> Path:
+    """The data file, refusing a FileName that would leave the data root (checked on the path's text,
+    so a data root whose folders are symbolic links still works)."""
+    root = os.path.normpath(os.path.abspath(data_root))
+    path = os.path.normpath(os.path.join(root, relpath))
+    if os.path.commonpath([root, path]) != root:
+        raise TaskFailure("bad_input", f"Bad input: file name escapes the data root: {relpath}")
+    return Path(path)
+
+
+def load_input(config: Config, task: Task, data_root: Path, settings: dict, token_budget: int) -> TaskInput:
+    """Read the table text and image a task needs; missing or broken inputs never reach the model."""
+    paths = {rel: source_path(data_root, rel) for rel in required_files(task, config)}
+    for rel, path in paths.items():
+        if not path.is_file():
+            raise TaskFailure("missing_input", f"File not found: {path}")
+    table_text = image = None
+    for rel, path in paths.items():
+        if rel.startswith("image/"):
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+                    image = opened.convert("RGB")
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                raise TaskFailure("bad_input", f"Bad input: cannot decode image {path} ({err})") from None
+        elif not rel.startswith("tables/"):
+            try:
+                table_text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskFailure("bad_input", f"Bad input: {path} is not UTF-8 text ({err.reason} at byte "
+                                               f"{err.start})") from None
+    return TaskInput(config, task, table_text, image, token_budget,
+                     settings.get("min_pixels"), settings.get("max_pixels"))
+
+
+def truncate_table(text: str, keep: float) -> str:
+    """The first and last ``keep`` share of the table's lines, with the number of rows left out."""
+    lines = text.split("\n")
+    head = tail = int(len(lines) * keep)
+    omitted = len(lines) - head - tail
+    if omitted <= 0:
+        return text
+    return "\n".join(lines[:head]) + f"\n... [{omitted} rows omitted] ...\n" + "\n".join(lines[len(lines) - tail:])
+
+
+def prepare(engine: Engine, ti: TaskInput, generation: dict) -> Request:
+    """Build the request within the token budget: the fork's truncation, then give up as oom_text."""
+    config, task = ti.config, ti.task
+    image = fit_image(ti.image, ti.min_pixels, ti.max_pixels) if ti.image is not None else None
+
+    def build(table: str | None) -> Request:
+        text = build_prompt_text(task, config.modality, config.format, table, ti.prompts)
+        request = Request(text, image, generation)
+        request.prompt_tokens = engine.count_tokens(request)
+        return request
+
+    request = build(ti.table_text)
+    full_tokens = request.prompt_tokens
+    keep, steps = TRUNCATE_KEEP, 0
+    ti.truncated_to = None
+    while request.prompt_tokens > ti.token_budget and ti.table_text and config.modality != "image":
+        if steps > TRUNCATE_STEPS:
+            break
+        request = build(truncate_table(ti.table_text, keep))
+        ti.truncated_to = request.prompt_tokens
+        keep *= TRUNCATE_SHRINK
+        steps += 1
+    if request.prompt_tokens > ti.token_budget:
+        if config.modality == "image":
+            raise TaskFailure("oom_image", f"OOM: Image too large ({ti.image.size})")
+        raise TaskFailure("oom_text", f"OOM: Text too large ({full_tokens} tokens)")
+    request.extras["full_tokens"] = full_tokens
+    ti.request = request
+    return request
+
+
+def error_metrics(task: Task) -> dict:
+    if task.question_type == "Visualization":
+        return {"ECR": False, "Pass": "None"}
+    if task.sub_type in JUDGED_SUBTYPES:
+        return dict(GPT_EVAL_PLACEHOLDER)
+    return {"F1": 0.0, "EM": 0.0, "ROUGE-L": 0.0, "SacreBLEU": 0.0}
+
+
+class ShardRunner:
+    def __init__(self, spec_path: str | Path, greedy: bool = False):
+        self.spec_path = Path(spec_path)
+        self.spec = ShardSpec.read(spec_path)
+        self.data_root = Path(self.spec.data_root)
+        self.generation = dict(self.spec.generation)
+        if greedy:
+            self.generation = {"do_sample": False, "max_new_tokens": self.generation.get("max_new_tokens", 4096)}
+        self.engine: Engine | None = None
+        self.gpu = "cpu"
+
+    def provenance(self, ti_or_config, started: float, error_class: str | None, ti: TaskInput | None = None) -> dict:
+        config = ti.config if ti else ti_or_config
+        request = ti.request if ti else None
+        env = os.environ
+        return {
+            "config": config.name,
+            "run_id": self.spec.run_id,
+            "attempt": self.spec.attempt,
+            "shard": self.spec.shard,
+            "slurm_job_id": env.get("SLURM_JOB_ID"),
+            "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+            "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+            "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+            "host": socket.gethostname(),
+            "gpu": self.gpu,
+            "start": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            "end": dt.datetime.now().isoformat(timespec="seconds"),
+            "prompt_tokens": request.extras.get("full_tokens") if request else None,
+            "truncated_to_tokens": ti.truncated_to if ti else None,
+            "max_pixels": (request.image.size[0] * request.image.size[1]) if request and request.image else None,
+            "retries": ti.retries if ti else 0,
+            "error_class": error_class,
+            "greedy": not self.generation.get("do_sample", False),
+        }
+
+    def record(self, task: Task, config: Config, prediction: str, metrics: dict, seconds: float, started: float,
+               error_class: str | None, ti: TaskInput | None = None) -> dict:
+        return {
+            "id": task.id, "FileName": task.file_name, "QuestionType": task.question_type,
+            "SubQType": task.sub_type, "Question": task.question, "Reference": task.reference,
+            "Prediction": prediction, "Metrics": metrics, "ProcessingTime": round(seconds, 2),
+            "provenance": self.provenance(config, started, error_class, ti),
+        }
+
+    def fail(self, writer: RecordWriter, config: Config, task: Task, failure: TaskFailure, started: float,
+             ti: TaskInput | None = None) -> None:
+        log.info("task %s/%s: %s", config.name, task.id, failure.prediction)
+        writer.append(self.record(task, config, failure.prediction, error_metrics(task), time.time() - started,
+                                  started, failure.error_class, ti))
+
+    def run(self) -> dict:
+        out = records_path(self.spec_path)
+        done = {(r.get("provenance", {}).get("config"), r.get("id")) for r in read_records(out, repair=True)}
+        todo = [t for t in self.spec.tasks if (t["config"], t["id"]) not in done]
+        summary = {"shard": self.spec.shard, "total": len(self.spec.tasks), "already_done": len(self.spec.tasks) - len(todo)}
+        if not todo:
+            return summary
+        tasks = load_tasks(self.spec.task_list)
+        Image.MAX_IMAGE_PIXELS = None  # 233 MP tables exist; fit_image caps what reaches the model
+        with RecordWriter(out) as writer:
+            inputs = self.load_inputs(todo, tasks, writer)
+            if inputs:
+                self.engine = Engine(self.spec.model, self.spec.dtype)
+                self.gpu = self.engine.device_name
+                budget = self.spec.token_budget or default_token_budget(self.engine.device)
+                prompt_sets = {}
+                ready = []
+                for ti in inputs:
+                    ti.token_budget = min(ti.token_budget, budget) if ti.token_budget else budget
+                    if ti.config.modality not in prompt_sets:
+                        prompt_sets[ti.config.modality] = load_prompt_set(self.spec.prompts, ti.config.modality)
+                    ti.prompts = prompt_sets[ti.config.modality]
+                    started = time.time()
+                    try:
+                        prepare(self.engine, ti, self.generation)
+                        ready.append(ti)
+                    except TaskFailure as failure:
+                        self.fail(writer, ti.config, ti.task, failure, started, ti)
+                for batch in plan_batches(ready, self.spec.batch_tokens):
+                    self.run_batch(batch, writer)
+        summary["written"] = len(todo)
+        return summary
+
+    def load_inputs(self, todo: list[dict], tasks: dict[int, Task], writer: RecordWriter) -> list[TaskInput]:
+        inputs = []
+        for entry in todo:
+            config, started = Config.parse(entry["config"]), time.time()
+            task = tasks.get(entry["id"])
+            if task is None:
+                log.error("task %s is not in %s; skipped", entry["id"], self.spec.task_list)
+                continue
+            try:
+                inputs.append(load_input(config, task, self.data_root, self.spec.configs.get(config.name, {}),
+                                         self.spec.token_budget or 0))
+            except TaskFailure as failure:
+                self.fail(writer, config, task, failure, started)
+        return inputs
+
+    def run_batch(self, batch: list[TaskInput], writer: RecordWriter) -> None:
+        """Generate a batch; an OOM splits it, a lone task walks the OOM ladder; other errors isolate."""
+        started = time.time()
+        try:
+            responses = self.engine.generate([ti.request for ti in batch])
+        except torch.OutOfMemoryError:
+            self.engine.free_memory()
+            if len(batch) > 1:
+                half = len(batch) // 2
+                self.run_batch(batch[:half], writer)
+                self.run_batch(batch[half:], writer)
+            else:
+                self.retry_smaller(batch[0], writer, started)
+            return
+        except Exception as err:  # a broken task must not stop the shard
+            if len(batch) > 1:
+                for ti in batch:
+                    self.run_batch([ti], writer)
+                return
+            log.exception("task %s/%s failed", batch[0].config.name, batch[0].task.id)
+            self.fail(writer, batch[0].config, batch[0].task,
+                      TaskFailure("other", f"{type(err).__name__}: {err}"), started, batch[0])
+            return
+        seconds = (time.time() - started) / len(batch)
+        for ti, response in zip(batch, responses):
+            self.write_answer(ti, response, seconds, started, writer)
+
+    def retry_smaller(self, ti: TaskInput, writer: RecordWriter, started: float) -> None:
+        """Halve the token budget (text) or the pixel cap (image), or both (mix), up to 3 times."""
+        if ti.retries >= OOM_RETRIES:
+            failure = (TaskFailure("oom_image", f"OOM: Image too large ({ti.image.size})")
+                       if ti.config.modality == "image" else
+                       TaskFailure("oom_text", f"OOM: Text too large ({ti.request.extras['full_tokens']} tokens)"))
+            self.fail(writer, ti.config, ti.task, failure, started, ti)
+            return
+        ti.retries += 1
+        if ti.config.modality in ("text", "mix"):
+            ti.token_budget = max(ti.request.prompt_tokens // 2, 1)
+        if ti.image is not None:
+            width, height = ti.request.image.size
+            ti.max_pixels = max(width * height // 2, SMALLEST_IMAGE_PIXELS)
+            ti.min_pixels = min(ti.min_pixels or 0, ti.max_pixels) or None
+        log.warning("task %s/%s: out of memory, retry %d with budget %d tokens / cap %s px", ti.config.name,
+                    ti.task.id, ti.retries, ti.token_budget, ti.max_pixels)
+        try:
+            prepare(self.engine, ti, self.generation)
+        except TaskFailure as failure:
+            self.fail(writer, ti.config, ti.task, failure, started, ti)
+            return
+        self.run_batch([ti], writer)
+
+    def write_answer(self, ti: TaskInput, response: str, seconds: float, started: float, writer: RecordWriter) -> None:
+        answer = extract_answer(response)
+        if answer is None:
+            failure = TaskFailure("format_failure", "Failed to get proper final answer format")
+            self.fail(writer, ti.config, ti.task, failure, started, ti)
+            return
+        metrics = score(ti.task, answer, self.data_root)
+        writer.append(self.record(ti.task, ti.config, answer, metrics, seconds, started, None, ti))
+
+
+
+def plan_batches(inputs: list[TaskInput], batch_tokens: int) -> list[list[TaskInput]]:
+    """Similar lengths together: sort by prompt tokens, fill each batch up to ``batch_tokens`` padded."""
+    ordered = sorted(inputs, key=lambda ti: ti.request.prompt_tokens)
+    batches: list[list[TaskInput]] = []
+    current: list[TaskInput] = []
+    for ti in ordered:
+        longest = ti.request.prompt_tokens  # sorted: the newcomer is the longest
+        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= MAX_BATCH):
+            batches.append(current)
+            current = []
+        current.append(ti)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def run_shard(spec_path: str | Path, greedy: bool = False) -> dict:
+    """Entry point for one array element (and ``hpc-rerun worker``)."""
+    return ShardRunner(spec_path, greedy=greedy).run()
+
+
+class ShardJob(submitit.helpers.Checkpointable):
+    """submitit callable: on timeout or preemption it requeues itself and resumes from the shard file."""
+
+    def __call__(self, spec_path: str, greedy: bool = False) -> dict:
+        return run_shard(spec_path, greedy=greedy)
