@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TIME_LIMIT_S = 15
-MEMORY_LIMIT_BYTES = 3 * 1024**3
+MEMORY_LIMIT_BYTES = 2 * 1024**3
 FILE_SIZE_LIMIT_BYTES = 32 * 1024**2
 NOBODY_UID = NOBODY_GID = 65534
 

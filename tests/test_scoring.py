@@ -1,0 +1,87 @@
+"""Scoring reproduces the stored metrics; model-written plotting code runs only inside the sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_rerun.benchmark import load_tasks
+from hpc_rerun.sandbox import run_plot_code
+from hpc_rerun.scoring import extract_plot_code, normalise, score
+
+MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
+
+
+def stored_items():
+    for path in sorted((MINI / "results").rglob("results*.json")):
+        for item in json.loads(path.read_text())["results"]:
+            if not item["Prediction"].startswith("[ERROR]"):
+                yield path.parent.name, item
+
+
+def test_scoring_reproduces_every_stored_metric():
+    """All real answered items of the mini results (text metrics, ECR/Pass, GPT_EVAL placeholder)."""
+    tasks = load_tasks(MINI / "QA_final_sc_filled.json")
+    checked = {"text": 0, "Visualization": 0, "judge": 0}
+    for config, item in stored_items():
+        ours = score(tasks[item["id"]], item["Prediction"], MINI / "data")
+        assert ours == item["Metrics"], (config, item["id"])
+        kind = "Visualization" if "ECR" in ours else "judge" if "GPT_EVAL" in ours else "text"
+        checked[kind] += 1
+    assert checked["text"] > 100 and checked["Visualization"] == 10 and checked["judge"] > 10
+
+
+def test_normalisation():
+    assert normalise("The Total is 3.14159, an  estimate!") == "total is 31 estimate"
+    assert normalise("  ") == "#"
+    assert extract_plot_code("x\n[Final Answer]: import pandas as pd\nimport pandas as pd\nplt.show()\nmore") == (
+        "import pandas as pd\nplt.show()")
+
+
+PLOT_OK = "import pandas as pd\nimport matplotlib.pyplot as plt\nplt.bar(['a', 'b'], [3, 1])\nplt.show()"
+
+
+@pytest.mark.parametrize("name, code, error", [
+    ("infinite loop", "while True:\n    pass", "time limit"),
+    ("memory hog", "blocks = [bytearray(512 * 1024**2) for _ in range(16)]", "MemoryError"),
+    ("write outside", "open('/tmp/hpc-rerun-escape.txt', 'w').write('x')", "not allowed"),
+    ("low-level write", "import os\nos.open('/tmp/hpc-rerun-escape.txt', os.O_WRONLY | os.O_CREAT)", "not allowed"),
+    ("child process", "import subprocess\nsubprocess.Popen(['sleep', '300'])", "not allowed"),
+    ("fork", "import os\nif os.fork() == 0:\n    import time\n    time.sleep(300)", "not allowed"),
+    ("socket", "import socket\nsocket.create_connection(('127.0.0.1', 6817), timeout=2)", "not allowed"),
+    ("ctypes", "import ctypes\nctypes.CDLL(None).system(b'touch /tmp/hpc-rerun-escape.txt')", "not allowed"),
+])
+def test_sandbox_contains_hostile_code(name, code, error):
+    started = time.time()
+    run = run_plot_code(code, None, "x")
+    assert not run.ok and error in run.error, run
+    assert time.time() - started < 20, "the 15 s limit holds"
+    assert not os.path.exists("/tmp/hpc-rerun-escape.txt")
+    leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith("sleep 300")]
+    assert leftovers == [], "nothing it started is left running"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_sandbox_runs_honest_plotting_code_and_reads_the_chart(tmp_path):
+    run = run_plot_code(PLOT_OK, None, "x")
+    assert run.ok and sorted(run.y_values) == [1.0, 3.0]
+
+
+def test_sandbox_reads_the_table_and_cannot_change_it():
+    xlsx = MINI / "data" / "tables" / "society-table10.xlsx"
+    before = xlsx.read_bytes()
+    code = ("import pandas as pd\nimport matplotlib.pyplot as plt\ndf = pd.read_excel('table.xlsx')\n"
+            "open('table.xlsx', 'wb').write(b'')\nplt.plot([len(df)])\nplt.show()")
+    run = run_plot_code(code, xlsx, "society-table10")
+    assert run.ok and run.y_values[0] > 0, run
+    assert xlsx.read_bytes() == before, "the sandbox works on a copy"

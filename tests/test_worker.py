@@ -1,0 +1,246 @@
+"""The shard worker on the CPU with the tiny Qwen3-VL: every task ends as exactly one record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from hpc_rerun import worker as worker_module
+from hpc_rerun.benchmark import load_tasks
+from hpc_rerun.engine import Engine, Request, fit_image
+from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text, load_prompt_set
+from hpc_rerun.shards import ShardSpec, read_records, records_path
+from hpc_rerun.worker import run_shard
+
+MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
+TASKS = MINI / "QA_final_sc_filled.json"
+ITEM_KEYS = ["id", "FileName", "QuestionType", "SubQType", "Question", "Reference", "Prediction", "Metrics",
+             "ProcessingTime", "provenance"]
+RESIZE = {"min_pixels": 256 * 28 * 28, "max_pixels": 2048 * 28 * 28}
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    """The mini tables, plus table images rendered here (the data copy has none); labor-table68 has none."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for folder in (MINI / "data").iterdir():
+        (root / folder.name).symlink_to(folder)
+    (root / "image").mkdir()
+    for name in ["employment-table01", "science-table32", "economy-table14", "society-table10", "science-table32_swap"]:
+        Image.new("RGB", (640, 480), "white").save(root / "image" / f"{name}.png")
+    return root
+
+
+def make_spec(tmp_path, model, data_root, tasks, **overrides) -> Path:
+    settings = dict(run_id="test", attempt=1, shard=0, model=str(model), data_root=str(data_root),
+                    task_list=str(TASKS), tasks=[{"config": c, "id": i} for c, i in tasks],
+                    configs={"qwen3vl_resize_pic/image": RESIZE}, generation={"do_sample": False, "max_new_tokens": 6})
+    settings.update(overrides)
+    return ShardSpec(**settings).write(tmp_path / "run")
+
+
+def records_by_key(spec_path) -> dict:
+    records = read_records(records_path(spec_path))
+    keys = [(r["provenance"]["config"], r["id"]) for r in records]
+    assert len(keys) == len(set(keys)), f"duplicate records: {keys}"
+    return dict(zip(keys, records))
+
+
+def test_text_image_mix_end_to_end(tmp_path, tiny_model_dir, data_root):
+    tasks = [("qwen3vl_text/text_csv", 1), ("qwen3vl_text/text_latex", 1638), ("qwen3vl_resize_pic/image", 2),
+             ("qwen3vl_default_pic/mix_markdown", 1634), ("qwen3vl_default_pic/mix_markdown", 2216),
+             ("qwen3vl_text/text_csv", 438)]
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks, token_budget=20000)
+    summary = run_shard(spec)
+    assert summary["written"] == len(tasks)
+    records = records_by_key(spec)
+    assert set(records) == set(tasks)
+    for (config, task_id), record in records.items():
+        assert list(record) == ITEM_KEYS
+        provenance = record["provenance"]
+        assert provenance["config"] == config and provenance["run_id"] == "test" and provenance["gpu"] == "cpu"
+        assert provenance["host"] and provenance["start"] <= provenance["end"]
+    # The tiny random model never writes "[Final Answer]:": the fork's format failure, with its class.
+    assert records[("qwen3vl_text/text_csv", 1)]["Prediction"] == "[ERROR] Failed to get proper final answer format"
+    assert records[("qwen3vl_text/text_csv", 1)]["provenance"]["error_class"] == "format_failure"
+    assert records[("qwen3vl_text/text_latex", 1638)]["Metrics"] == {"ECR": False, "Pass": "None"}
+    # labor-table68 has no image: a missing_input record, never a crash.
+    missing = records[("qwen3vl_default_pic/mix_markdown", 2216)]
+    assert missing["Prediction"].startswith("[ERROR] File not found:") and missing["Prediction"].endswith(
+        "image/labor-table68.png")
+    assert missing["provenance"]["error_class"] == "missing_input"
+    # The resize variant's pixel cap is what the model saw; economy-table14.csv (47K tokens) was truncated.
+    image = records[("qwen3vl_resize_pic/image", 2)]["provenance"]
+    assert image["max_pixels"] <= RESIZE["max_pixels"]
+    csv = records[("qwen3vl_text/text_csv", 438)]["provenance"]
+    assert csv["prompt_tokens"] > 20000 >= csv["truncated_to_tokens"] > 0
+
+
+def test_answers_are_extracted_and_scored(tmp_path, tiny_model_dir, data_root):
+    """A response with a final answer becomes a scored item (scored as the benchmark does)."""
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, [])
+    runner = worker_module.ShardRunner(spec)
+    tasks = load_tasks(TASKS)
+    config = worker_module.Config.parse("qwen3vl_text/text_csv")
+    ti = worker_module.TaskInput(config, tasks[1], "x", None, 1000, None, None,
+                                 request=Request("q", None, {}, prompt_tokens=10))
+    with worker_module.RecordWriter(records_path(spec)) as writer:
+        runner.write_answer(ti, "Let me look.\n[Final Answer]: 1954\n[Final Answer]: 1955, 62170", 1.0, time.time(),
+                            writer)
+    (record,) = read_records(records_path(spec))
+    assert record["Prediction"] == "1955, 62170"
+    # SacreBLEU is 0 for an exact answer under 4 words, as in the stored items (e.g. id 2750 'South East').
+    assert record["Metrics"] == {"F1": 100.0, "EM": 100.0, "ROUGE-L": 100.0, "SacreBLEU": 0.0}
+    assert record["provenance"]["error_class"] is None
+
+
+def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir, data_root):
+    tasks = [("qwen3vl_text/text_csv", i) for i in (1634, 1635, 1636, 1637, 2906, 2907, 2908, 2909, 1956, 1957)]
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks, batch_tokens=1,
+                     generation={"do_sample": False, "max_new_tokens": 24})
+    out = records_path(spec)
+    cli = [sys.executable, "-m", "hpc_rerun.cli", "worker", str(spec)]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = out.read_bytes().count(b"\n")
+    assert 3 <= before < len(tasks), "killed mid-shard"
+    with open(out, "ab") as fh:
+        fh.write(b'{"id": 7, "FileName": "employment-tab')  # a record torn by the kill
+    subprocess.run(cli, check=True, timeout=300, capture_output=True)
+    records = records_by_key(spec)
+    assert set(records) == set(tasks)
+    assert out.read_bytes().endswith(b"}\n"), "the torn line was cut off before appending"
+
+
+def oom_above(limit_tokens: int, calls: list):
+    """Fake what cannot happen on a CPU: a CUDA OOM (the real exception class) above a prompt size."""
+    def generate(model_generate):
+        def wrapped(**inputs):
+            calls.append(inputs["input_ids"].shape)
+            if inputs["input_ids"].numel() > limit_tokens:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return model_generate(**inputs)
+        return wrapped
+    return generate
+
+
+@pytest.fixture
+def oom_engine(monkeypatch):
+    """Engines whose generate raises torch.OutOfMemoryError above ``limit`` batch tokens."""
+    state = {"limit": 0, "calls": []}
+    original_init = Engine.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.model.generate = oom_above(state["limit"], state["calls"])(self.model.generate)
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    return state
+
+
+def test_oom_ladder_halves_the_budget_then_gives_up_with_a_class(tmp_path, tiny_model_dir, data_root, oom_engine):
+    oom_engine["limit"] = 2600
+    tasks = [("qwen3vl_text/text_csv", 1), ("qwen3vl_text/text_csv", 1634),
+             ("qwen3vl_resize_pic/image", 1), ("qwen3vl_text/text_csv", 2)]
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks, batch_tokens=100_000)
+    run_shard(spec)
+    records = records_by_key(spec)
+    assert set(records) == set(tasks), "one task's OOM never stops the shard"
+    big = records[("qwen3vl_text/text_csv", 1)]["provenance"]  # ~6K tokens: budget 3K, then 1.5K fits
+    assert big["error_class"] == "format_failure" and big["retries"] == 2
+    assert 0 < big["truncated_to_tokens"] <= 2600 < big["prompt_tokens"]
+    small = records[("qwen3vl_text/text_csv", 1634)]["provenance"]  # fits alone: the batch was split
+    assert small["retries"] == 0 and small["error_class"] == "format_failure"
+    assert any(shape[0] > 1 for shape in oom_engine["calls"]), "they were first tried as one batch"
+
+
+def test_oom_that_never_fits_is_recorded_per_modality(tmp_path, tiny_model_dir, data_root, oom_engine):
+    oom_engine["limit"] = 0  # everything runs out of memory
+    tasks = [("qwen3vl_text/text_csv", 2), ("qwen3vl_resize_pic/image", 3)]
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks)
+    run_shard(spec)
+    records = records_by_key(spec)
+    text = records[("qwen3vl_text/text_csv", 2)]
+    assert text["Prediction"].startswith("[ERROR] OOM: Text too large (")
+    assert text["provenance"]["error_class"] == "oom_text" and text["provenance"]["retries"] == 3
+    image = records[("qwen3vl_resize_pic/image", 3)]
+    assert image["Prediction"] == "[ERROR] OOM: Image too large ((640, 480))"
+    assert image["provenance"]["error_class"] == "oom_image" and image["provenance"]["retries"] == 3
+    assert image["provenance"]["max_pixels"] < 640 * 480 // 4, "the pixel cap was halved each time"
+
+
+def test_bad_inputs_never_reach_the_model(tmp_path, tiny_model_dir, data_root, monkeypatch):
+    (data_root / "image" / "science-table32.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    csv = data_root / "csv"
+    csv.unlink()
+    csv.mkdir()
+    (csv / "society-table10.csv").write_bytes(b"Year,Total\n1955,\xff\xfe\n")
+    queries = json.loads(TASKS.read_text())["queries"]
+    escape = dict(next(q for q in queries if q["id"] == 1), id=1, FileName="../../../etc/passwd")
+    task_list = tmp_path / "tasks.json"
+    task_list.write_text(json.dumps({"queries": [escape] + [q for q in queries if q["id"] != 1]}))
+    monkeypatch.setattr(worker_module, "Engine", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    tasks = [("qwen3vl_text/text_csv", 1), ("qwen3vl_resize_pic/image", 1634), ("qwen3vl_text/text_csv", 1956),
+             ("qwen3vl_default_pic/mix_markdown", 2216)]
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks, task_list=str(task_list))
+    run_shard(spec)
+    records = records_by_key(spec)
+    classes = {key: r["provenance"]["error_class"] for key, r in records.items()}
+    assert classes == {("qwen3vl_text/text_csv", 1): "bad_input", ("qwen3vl_resize_pic/image", 1634): "bad_input",
+                       ("qwen3vl_text/text_csv", 1956): "bad_input",
+                       ("qwen3vl_default_pic/mix_markdown", 2216): "missing_input"}
+    assert "escapes the data root" in records[("qwen3vl_text/text_csv", 1)]["Prediction"]
+    assert "cannot decode image" in records[("qwen3vl_resize_pic/image", 1634)]["Prediction"]
+    assert "not UTF-8 text" in records[("qwen3vl_text/text_csv", 1956)]["Prediction"]
+
+
+def test_huge_png_opens_without_bomb_error_and_is_capped(tmp_path, tiny_model_dir, data_root, monkeypatch):
+    Image.new("RGB", (7000, 5000), "white").save(data_root / "image" / "economy-table14.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 35 MP would be a "decompression bomb"
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, [("qwen3vl_resize_pic/image", 438)])
+    run_shard(spec)
+    (record,) = records_by_key(spec).values()
+    assert record["provenance"]["error_class"] == "format_failure", record["Prediction"]
+    assert record["provenance"]["max_pixels"] <= RESIZE["max_pixels"]
+    fitted = fit_image(Image.new("RGB", (7500, 7000)), None, None)
+    assert fitted.size[0] * fitted.size[1] <= 16384 * 32 * 32 and fitted.size[0] % 32 == 0
+
+
+def test_engine_batch_equals_one_by_one_in_fp32_greedy(tiny_model_dir, data_root):
+    engine = Engine(str(tiny_model_dir), dtype="float32")
+    tasks = load_tasks(TASKS)
+    image = fit_image(Image.open(data_root / "image" / "science-table32.png").convert("RGB"), None, None)
+    greedy = {"do_sample": False, "max_new_tokens": 10, "min_new_tokens": 10}
+    requests = [
+        Request(build_prompt_text(tasks[1634], "text", "csv", "a,b\n1,2", DEFAULT_PROMPTS), None, greedy),
+        Request(build_prompt_text(tasks[1635], "image", None, None, DEFAULT_PROMPTS), image, greedy),
+        Request(build_prompt_text(tasks[1636], "mix", "csv", "a,b\n1,2\n3,4\n5,6", DEFAULT_PROMPTS), image, greedy),
+    ]
+    assert engine.generate(requests) == [engine.generate([r])[0] for r in requests]
+
+
+def test_users_prompt_modules_are_used_as_the_fork_did(tmp_path):
+    module = tmp_path / "inference" / "answer_prompt_llm.py"
+    module.parent.mkdir()
+    module.write_text('Answer_Prompt = {"Fact Checking": "Read the {format} table."}\n'
+                      'User_Prompt = "T: {Table}\\nQ: {Question}\\nF: {Answer_format}"\n')
+    prompts = load_prompt_set(tmp_path, "text")
+    task = load_tasks(TASKS)[1]
+    text = build_prompt_text(task, "text", "html", "<table/>", prompts)
+    assert text == f"Read the html table.\nT: <table/>\nQ: {task.question}\nF: AnswerName1, AnswerName2..."
+    with pytest.raises(ValueError, match="answer_prompt_mlm.py: prompt module not found"):
+        load_prompt_set(tmp_path, "image")
