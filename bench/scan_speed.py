@@ -11,44 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from hpc_rerun.benchmark import Config, load_tasks
+from hpc_rerun.benchmark import load_tasks
 from hpc_rerun.scan import discover_configs, scan_tree
-from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_data_root, write_result_file
+from hpc_rerun.synthetic import write_full_size_tree
 
 TASKS = Path(__file__).resolve().parent.parent / "tests/fixtures/realhitbench-mini/QA_final_sc_filled.json"
-FORMATS = ["latex", "html", "csv", "markdown", "json"]
-CONFIGS = (
-    [f"qwen3vl_text/text_{f}" for f in FORMATS]
-    + ["qwen3vl_default_pic/image"] + [f"qwen3vl_default_pic/mix_{f}" for f in FORMATS[:4]]
-    + ["qwen3vl_resize_pic/image"] + [f"qwen3vl_resize_pic/mix_{f}" for f in FORMATS[1:]]
-)
-
-
-def build_tree(root: Path) -> tuple[Path, Path]:
-    tasks = load_tasks(TASKS)
-    rng = random.Random(0)
-    words = "the total employment year sector rate growth value table column row answer".split()
-    for n, name in enumerate(CONFIGS):
-        config = Config.parse(name)
-        items = []
-        for task in tasks.values():
-            roll = rng.random()
-            if roll < 0.003:
-                continue  # absent
-            prediction = (rng.choice(list(ERROR_PREDICTIONS.values())) if roll < 0.01
-                          else " ".join(rng.choice(words) for _ in range(rng.randint(3, 40))))
-            items.append(make_item(task, prediction, processing_time=round(rng.uniform(0.5, 30), 2)))
-        write_result_file(root / "tree" / name / "results.json", "abc"[n % 3], config, items)
-    data_root = write_data_root(root / "data", tasks, {"html/labor-table68.html", "json/health-table09.json"})
-    return root / "tree", data_root
-
-
 def time_json_load(files: list[Path]) -> float:
     start = time.perf_counter()
     for path in files:
@@ -71,7 +43,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        tree, data_root = build_tree(Path(tmp))
+        tree, data_root = write_full_size_tree(Path(tmp), load_tasks(TASKS))
         files = sorted(discover_configs(tree)[0].values())
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         loads, scans = [], []

@@ -143,10 +143,6 @@ ERROR_CLASSES = (
 _OOM = re.compile(r"out of memory|OutOfMemory|\bOOM\b", re.IGNORECASE)
 
 
-def is_error(prediction) -> bool:
-    return isinstance(prediction, str) and prediction.startswith(ERROR_PREFIX)
-
-
 def classify_error(prediction: str, modality: str) -> str:
     """The class of an ``[ERROR] ...`` prediction, from the prefixes the users' fork writes."""
     text = prediction[len(ERROR_PREFIX):].strip()

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .benchmark import DEFAULT_TASK_LIST, BenchmarkError, load_tasks
+from .benchmark import DEFAULT_TASK_LIST, BenchmarkError, Config, load_tasks
 
 HELP = """Finish a large VLM evaluation on a Slurm cluster.
 
@@ -141,6 +141,92 @@ def worker(spec, greedy, verbose):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     summary = run_shard(spec, greedy=greedy)
     click.echo(json.dumps(summary))
+
+
+@main.command("merge-shards")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--into", "results_root", type=click.Path(file_okay=False, path_type=Path),
+              help="Results root to merge into (default: the one the run was planned from).")
+@click.option("--from", "sources", multiple=True, metavar="DIR[=CONFIG]",
+              help="Also merge a run directory of your own (results_*.json, checkpoint.json).")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Data root, for the scan afterwards.")
+@click.option("--tasks", "task_list", type=click.Path(path_type=Path), help="Task list, for the scan afterwards.")
+@click.option("--overwrite", is_flag=True, help="Also replace existing successes with new successes.")
+@click.option("--force", is_flag=True, help="Merge into files that changed since the run was planned.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@click.option("--no-provenance", is_flag=True, help="Leave the provenance object out of merged items.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite, force, dry_run, no_provenance,
+                 as_json):
+    """Merge the answers of RUN_DIR's shards (and/or --from run directories) into the result files.
+
+    Per task the best answer wins (success over error, newer attempt over older). [ERROR] items are
+    replaced, absent ids inserted, existing successes kept (unless --overwrite). Each file keeps its
+    layout, is written atomically with a backup beside it (results.json.bak-<time>), and its
+    aggregate_metrics, checkpoint.json and skip_ids.json are refreshed. Merging twice changes nothing.
+    Afterwards it scans and shows what is left.
+
+    \b
+    Examples:
+      hpc-rerun merge-shards logs/20261127-1130-ab12
+      hpc-rerun merge-shards --into result/complied --from result/rerun-text_html=qwen3vl_text/text_html
+    """
+    from .merge import MergeLocked, merge, run_dir_records, shard_records
+    from .scan import discover_configs, load_run_dir, run_dir_config, scan_tree, write_skip_reports
+
+    plan = {}
+    if run_dir is not None:
+        plan_path = run_dir / "plan.json"
+        if not run_dir.is_dir():
+            raise click.UsageError(f"{run_dir}: no such run directory")
+        plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
+    results_root = results_root or (Path(plan["results_root"]) if plan.get("results_root") else None)
+    if results_root is None:
+        raise click.UsageError("say where to merge: --into RESULTS_ROOT (or give a run directory with a plan.json)")
+    if run_dir is None and not sources:
+        raise click.UsageError("nothing to merge: give a run directory and/or --from DIR")
+    result_files, problems = discover_configs(results_root)
+    result_files.update({Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
+    records = shard_records(run_dir) if run_dir is not None else []
+    for value in sources:
+        source, config_name = parse_run_dir(value)
+        try:
+            files = load_run_dir(source)
+            config = Config.parse(config_name) if config_name else run_dir_config(source, files, list(result_files))
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        records += run_dir_records(files, config.name)
+    planned = {c: f["sha256"] for c, f in plan.get("result_files", {}).items()} or None
+    try:
+        reports = merge({c.name: p for c, p in result_files.items()}, records, results_root=results_root,
+                        planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
+                        with_provenance=not no_provenance)
+    except MergeLocked as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    problems += [r.problem for r in reports if r.problem]
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "configs": [r.to_json() for r in reports], "problems": problems},
+                              indent=2))
+    else:
+        from .report import print_merge
+
+        print_merge(reports, dry_run)
+    data_root = data_root or (Path(plan["data_root"]) if plan.get("data_root") else None)
+    task_list = task_list or (Path(plan["task_list"]) if plan.get("task_list") else None)
+    if not dry_run and data_root and task_list and not as_json:
+        merged = [r.config for r in reports if r.path is not None and not r.problem]
+        report = scan_tree(results_root, load_tasks(task_list), task_list, data_root, only=merged,
+                           named_configs={Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
+        write_skip_reports(report)
+        from .report import print_scan
+
+        print_scan(report)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .merge import ConfigMerge
 from .scan import ScanReport
 
 
@@ -52,3 +53,21 @@ def print_scan(report: ScanReport, written: list[Path] = (), console: Console | 
             console.print(f"  {scan.config.name}: {note}", highlight=False)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
+
+
+def print_merge(reports: list[ConfigMerge], dry_run: bool, console: Console | None = None) -> None:
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = 160
+    title = "merge (dry run: nothing written)" if dry_run else "merge"
+    table = Table(title=title)
+    for column in ("configuration", "errors replaced", "absent inserted", "successes kept", "overwritten",
+                   "still errors", "file"):
+        table.add_column(column, justify="left" if column in ("configuration", "file") else "right")
+    for r in reports:
+        written = f"written (backup {r.backup.name})" if r.backup else "written"
+        status = r.problem and "[red]not merged[/red]" or (
+            ("would change" if dry_run else written) if r.changed else "unchanged")
+        table.add_row(r.config, str(len(r.replaced)), str(len(r.inserted)), str(len(r.kept_success)),
+                      str(len(r.overwritten)), str(len(r.still_errors)), status)
+    console.print(table)

@@ -1,0 +1,253 @@
+"""merge-shards: put new answers into the existing result files without ever losing a result.
+
+Per (config, id) the best record wins (success over error, newer attempt over older). A result file
+gets its ``[ERROR]`` items replaced and its absent ids inserted; an existing success is replaced only
+with ``overwrite``. Layout, key order and item schema are kept, items are sorted by id, aggregates
+are recomputed in the file's own shape, and ``checkpoint.json`` beside it is rebuilt.
+
+Safety: one exclusive lock per results root; every file goes through temp + fsync + rename + folder
+fsync; the original is backed up beside it first; a file that does not parse, or that changed since
+the run was planned, is left alone unless forced. A second merge of the same records changes no byte.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_point
+from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
+from .shards import read_records
+
+ITEM_KEYS = ("id", "FileName", "QuestionType", "SubQType", "Question", "Reference", "Prediction", "Metrics",
+             "ProcessingTime")
+PROVENANCE_KEY = "hpc_rerun"
+LEDGER = "merged.json"  # in the run directory: each file's hash after our last merge
+
+
+class MergeLocked(RuntimeError):
+    pass
+
+
+@dataclass
+class ConfigMerge:
+    config: str
+    path: Path | None
+    replaced: list[int] = field(default_factory=list)  # [ERROR] items replaced
+    inserted: list[int] = field(default_factory=list)  # absent ids added
+    overwritten: list[int] = field(default_factory=list)  # successes replaced (overwrite)
+    kept_success: list[int] = field(default_factory=list)  # new records not applied: a success exists
+    still_errors: list[int] = field(default_factory=list)  # merged, but the best record is an error
+    changed: bool = False
+    backup: Path | None = None
+    problem: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_records(run_dir: Path) -> list[tuple[tuple, dict]]:
+    """Every record of every attempt, with a sort key (attempt, file, line) for "newer wins"."""
+    found = []
+    for path in sorted(run_dir.glob("attempt-*/shard-*.jsonl")):
+        for line, record in enumerate(read_records(path)):
+            provenance = record.get("provenance") or {}
+            found.append(((provenance.get("attempt", 0), str(path), line), record))
+    return found
+
+
+def run_dir_records(files: list[ResultFile], config: str) -> list[tuple[tuple, dict]]:
+    """The users' own rerun outputs (results_*.json, checkpoint.json) as records of one config."""
+    found = []
+    for rank, result_file in enumerate(files):
+        for line, item in enumerate(result_file.items):
+            found.append(((0, f"{rank:04d}", line), dict(item, provenance={"config": config,
+                                                                            "source": str(result_file.path)})))
+    return found
+
+
+def best_records(records: list[tuple[tuple, dict]]) -> dict[str, dict[int, dict]]:
+    """config -> id -> the record to merge: success over error, then the newest."""
+    best: dict[str, dict[int, tuple[tuple, dict]]] = {}
+    for key, record in records:
+        config = (record.get("provenance") or {}).get("config")
+        if not config or not isinstance(record.get("id"), int):
+            continue
+        rank = (item_ok(record), key)
+        current = best.setdefault(config, {}).get(record["id"])
+        if current is None or rank >= current[0]:
+            best[config][record["id"]] = (rank, record)
+    return {c: {i: r for i, (_, r) in ids.items()} for c, ids in best.items()}
+
+
+def to_item(record: dict, with_provenance: bool) -> dict:
+    item = {k: record[k] for k in ITEM_KEYS if k in record}
+    if with_provenance and record.get("provenance"):
+        item[PROVENANCE_KEY] = record["provenance"]
+    return item
+
+
+def merge_items(items: list[dict], new: dict[int, dict], overwrite: bool, with_provenance: bool,
+                report: ConfigMerge) -> list[dict]:
+    """The file's items with the new records applied, sorted by id (stable)."""
+    by_id: dict[int, list[int]] = {}
+    for pos, item in enumerate(items):
+        by_id.setdefault(item["id"], []).append(pos)
+    merged = list(items)
+    drop: set[int] = set()
+    for task_id, record in sorted(new.items()):
+        candidate = to_item(record, with_provenance)
+        positions = by_id.get(task_id)
+        if positions is not None and len(positions) == 1 and items[positions[0]] == candidate:
+            continue  # merged before
+        if positions is None:
+            merged.append(candidate)
+            report.inserted.append(task_id)
+        else:
+            existing_ok = any(item_ok(items[p]) for p in positions)
+            if existing_ok and not (overwrite and item_ok(candidate)):
+                report.kept_success.append(task_id)
+                continue
+            (report.overwritten if existing_ok else report.replaced).append(task_id)
+            merged[positions[0]] = candidate
+            drop.update(positions[1:])
+        if not item_ok(candidate):
+            report.still_errors.append(task_id)
+    merged = [item for pos, item in enumerate(merged) if pos not in drop]
+    merged.sort(key=lambda item: item["id"])
+    return merged
+
+
+def rebuild(result: ResultFile, items: list[dict]) -> dict:
+    """The file's top level with new items and aggregates, every other key as it was, in order."""
+    out = {}
+    for key, value in result.data.items():
+        if key == "results":
+            out[key] = items
+        elif key == "aggregate_metrics" and isinstance(value, dict):
+            out[key] = recompute_aggregates(value, items)
+        else:
+            out[key] = value
+    return out
+
+
+def backup(path: Path, now: dt.datetime) -> Path:
+    """Copy the original beside it once (a rerun after a crash reuses an identical backup)."""
+    data = path.read_bytes()
+    for existing in sorted(path.parent.glob(f"{path.name}.bak-*")):
+        if existing.stat().st_size == len(data) and existing.read_bytes() == data:
+            return existing
+    target = path.with_name(f"{path.name}.bak-{now.strftime('%Y%m%dT%H%M%S')}")
+    atomic_write_bytes(target, data)
+    return target
+
+
+@contextmanager
+def results_lock(results_root: Path):
+    """One merge at a time per results root (an flock, released if the process dies)."""
+    lock_path = results_root / ".hpc-rerun.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MergeLocked(f"{results_root}: another merge is running (lock {lock_path}); wait for it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set[str] | None, overwrite: bool,
+                 force: bool, dry_run: bool, with_provenance: bool, now: dt.datetime,
+                 about_to_write=lambda digest: None) -> ConfigMerge:
+    report = ConfigMerge(config, path)
+    try:
+        result = load_result_file(path)
+    except ResultFileError as err:
+        report.problem = f"{err} (not merged)"
+        return report
+    if expected and not force:
+        digest = sha256_file(path)
+        if digest not in expected:
+            report.problem = (f"{path}: changed since the run was planned (sha256 {digest[:12]}); not merged. "
+                              "Check it, then merge with --force to merge into it anyway")
+            return report
+    items = merge_items(result.items, new, overwrite, with_provenance, report)
+    writes = [(path, dump_json(rebuild(result, items)))]
+    checkpoint = path.parent / "checkpoint.json"
+    if checkpoint.exists():  # the fork's resume file: rerun exactly what is not a success
+        checkpoint_data = {"results": items, "processed_ids": [i["id"] for i in items if item_ok(i)]}
+        writes.append((checkpoint, dump_json(checkpoint_data)))
+    # Each file is compared with what it should be, so a rerun after a crash finishes the job.
+    pending = [(target, payload) for target, payload in writes if target.read_bytes() != payload]
+    report.changed = bool(pending)
+    if not pending or dry_run:
+        return report
+    for target, payload in pending:
+        saved = backup(target, now)
+        if target == path:
+            report.backup = saved
+            about_to_write(hashlib.sha256(payload).hexdigest())
+        fault_point(f"{target}: backup written")
+        atomic_write_bytes(target, payload)
+    return report
+
+
+def load_ledger(run_dir: Path | None) -> dict:
+    if run_dir is None or not (run_dir / LEDGER).exists():
+        return {}
+    return json.loads((run_dir / LEDGER).read_text())
+
+
+def merge(
+    result_files: dict[str, Path],
+    records: list[tuple[tuple, dict]],
+    *,
+    results_root: Path,
+    planned_hashes: dict[str, str] | None = None,
+    run_dir: Path | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    with_provenance: bool = True,
+) -> list[ConfigMerge]:
+    """Merge ``records`` into each configuration's file; returns what happened per configuration."""
+    now = dt.datetime.now()
+    best = best_records(records)
+    ledger = load_ledger(run_dir)
+    reports = []
+    with nullcontext() if dry_run else results_lock(results_root):
+        for config in sorted(best):
+            path = result_files.get(config)
+            if path is None:
+                reports.append(ConfigMerge(config, None, problem=f"{config}: no result file for this configuration "
+                                                                 f"under {results_root}; nothing merged"))
+                continue
+            expected = None
+            if planned_hashes and config in planned_hashes:
+                expected = {planned_hashes[config], *ledger.get(config, [])}
+
+            def remember(digest: str, config=config) -> None:
+                """Record our own result before writing it, so a rerun after a crash accepts it."""
+                if run_dir is not None:
+                    ledger[config] = sorted(set(ledger.get(config, [])) | {digest})
+                    atomic_write_json(run_dir / LEDGER, ledger)
+
+            reports.append(merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
+                                        force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
+                                        about_to_write=remember))
+    return reports
