@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -58,6 +59,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
     fault_point(f"{path}: renamed")
     _fsync_dir(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def dump_json(data) -> bytes:

@@ -57,6 +57,26 @@ def default_task_list(data_root: Path) -> Path:
     return data_root / DEFAULT_TASK_LIST
 
 
+def scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only):
+    """Resolve paths (options over the project file) and scan; exits 3 on an unreadable task list."""
+    from .project import load_project
+    from .scan import scan_tree
+
+    try:
+        project = load_project(project_file)
+        results_root = results_root or project.results_root
+        data_root = data_root or project.data_root
+        if results_root is None or data_root is None:
+            raise click.UsageError("give RESULTS_ROOT and --data-root (or a --project file that names them)")
+        task_list = task_list or project.tasks or default_task_list(data_root)
+        tasks = load_tasks(task_list)
+    except BenchmarkError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    runs = project.runs + [parse_run_dir(r) for r in run_dirs]
+    return project, scan_tree(results_root, tasks, task_list, data_root, runs, only, project.configs)
+
+
 def parse_run_dir(value: str) -> tuple[Path, str | None]:
     path, sep, config = value.partition("=")
     return Path(path), (config if sep else None)
@@ -90,22 +110,9 @@ def scan(results_root, data_root, task_list, project_file, run_dirs, only, as_js
       hpc-rerun scan result/complied --data-root data --run-dir result/rerun-text_html --json
       hpc-rerun scan --project hpc-rerun.toml --write-reports --fail-on-gaps
     """
-    from .project import load_project
-    from .scan import scan_tree, write_skip_reports
+    from .scan import write_skip_reports
 
-    try:
-        project = load_project(project_file)
-        results_root = results_root or project.results_root
-        data_root = data_root or project.data_root
-        if results_root is None or data_root is None:
-            raise click.UsageError("give RESULTS_ROOT and --data-root (or a --project file that names them)")
-        task_list = task_list or project.tasks or default_task_list(data_root)
-        tasks = load_tasks(task_list)
-    except BenchmarkError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    runs = project.runs + [parse_run_dir(r) for r in run_dirs]
-    report = scan_tree(results_root, tasks, task_list, data_root, runs, only, project.configs)
+    project, report = scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only)
     written = write_skip_reports(report) if write_reports else []
     if as_json:
         out = report.to_json()
@@ -141,6 +148,252 @@ def worker(spec, greedy, verbose):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     summary = run_shard(spec, greedy=greedy)
     click.echo(json.dumps(summary))
+
+
+def slurm_flags(command):
+    """Slurm options shared by plan, submit and run (flags win over --profile, which wins over defaults)."""
+    options = [
+        click.option("--profile", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Site profile (TOML): partition, gres, time, memory, setup lines; see slurm/profiles/."),
+        click.option("--partition", help="Slurm partition."),
+        click.option("--gres", help="GPU GRES per array element [default: gpu:a100:1]."),
+        click.option("--cpus", "cpus_per_task", type=int, help="CPUs per element."),
+        click.option("--mem-gb", type=int, help="Host memory per element (GB)."),
+        click.option("--time-min", type=int, help="Time limit per element (minutes)."),
+        click.option("--array-parallelism", type=int, help="Elements running at once."),
+        click.option("--account", help="Slurm account."),
+        click.option("--qos", help="Slurm QoS."),
+        click.option("--sbatch", "extra_sbatch", multiple=True, metavar="KEY=VALUE",
+                     help="Extra sbatch option, e.g. --sbatch constraint=a100_80gb (repeatable)."),
+        click.option("--setup", multiple=True, metavar="LINE",
+                     help="Shell line run before the worker, e.g. 'module load cuda' (repeatable)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def resolve_slurm(kwargs: dict, base: dict | None = None) -> dict:
+    from .submit import load_profile, slurm_options
+
+    keys = ("partition", "gres", "cpus_per_task", "mem_gb", "time_min", "array_parallelism", "account", "qos")
+    flags = {k: kwargs.pop(k) for k in keys}
+    extra = {}
+    for item in kwargs.pop("extra_sbatch"):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--sbatch")
+        extra[key.lstrip("-")] = value
+    flags["extra_sbatch"] = extra
+    flags["setup"] = list(kwargs.pop("setup"))
+    try:
+        profile = load_profile(kwargs.pop("profile"))
+    except BenchmarkError as err:
+        raise click.UsageError(str(err)) from None
+    return slurm_options({**(base or {}), **profile}, flags)
+
+
+def scan_flags(command):
+    options = [
+        click.argument("results_root", required=False, type=click.Path(path_type=Path)),
+        click.option("--data-root", type=click.Path(path_type=Path),
+                     help="Benchmark data folder (latex/, html/, csv/, markdown/, json/, image/, tables/)."),
+        click.option("--tasks", "task_list", type=click.Path(path_type=Path),
+                     help=f"Task list; default: {DEFAULT_TASK_LIST} in or beside the data root."),
+        click.option("--project", "project_file", type=click.Path(path_type=Path),
+                     help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs]."),
+        click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR[=CONFIG]",
+                     help="A run directory (results_*.json, checkpoint.json) whose answers count too."),
+        click.option("--config", "only", multiple=True, metavar="NAME", help="Only this configuration (repeatable)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@scan_flags
+@click.option("--model", required=True, help="Model folder (from_pretrained), e.g. /models/Qwen3-VL-8B-Instruct.")
+@click.option("--shards", type=int, help="Number of shards (array elements).")
+@click.option("--gpus", type=int, help="Same as --shards: one shard per GPU you will get.")
+@click.option("--target-hours", type=float, help="Shards sized to about this many GPU hours each [default: 1].")
+@click.option("--prompts", type=click.Path(file_okay=False, path_type=Path),
+              help="Your benchmark checkout (inference/answer_prompt_*.py); default: hpc-rerun's own prompts.")
+@click.option("--greedy", is_flag=True, help="Greedy decoding (default: the users' sampling: T 0.7, top-p 0.8, top-k 20).")
+@click.option("--max-new-tokens", type=int, default=4096, show_default=True)
+@click.option("--token-budget", type=int, help="Prompt tokens per task before truncation [default: from GPU memory].")
+@click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=Path("logs"), show_default=True,
+              help="Where run directories are created.")
+@click.option("--run-id", help="Name of the run directory [default: date-time-random].")
+@click.option("--dry-run", is_flag=True, help="Print the shards and sbatch options; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@slurm_flags
+def plan(results_root, data_root, task_list, project_file, run_dirs, only, model, shards, gpus, target_hours, prompts,
+         greedy, max_new_tokens, token_budget, logs, run_id, dry_run, as_json, **slurm):
+    """Turn the runnable gaps into cost-balanced shards and a run directory logs/<run-id>/.
+
+    Scans first (same inputs as `scan`), estimates each runnable task's GPU seconds (prompt tokens from
+    the model's tokenizer, visual tokens from the image size and the pixel limits, the expected
+    answer length, scaled by the ProcessingTime of the configuration's existing items), and packs
+    tasks of all configurations into shards, longest first. Then `hpc-rerun submit logs/<run-id>`.
+    """
+    from .plan import CalibratedCosts, RunSettings, pack_shards, shard_count, write_run
+    from .submit import sbatch_preview
+
+    slurm_opts = resolve_slurm(slurm)
+    project, report = scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only)
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    costs = CalibratedCosts(report, project.variant, model).runnable_costs()
+    if not costs:
+        click.echo("nothing to rerun: no configuration has runnable gaps")
+        sys.exit(EXIT_BAD_INPUT if report.problems else 0)
+    total = sum(c.seconds for c in costs)
+    packed = pack_shards(costs, shard_count(total, len(costs), shards or gpus, target_hours))
+    generation = ({"do_sample": False, "max_new_tokens": max_new_tokens} if greedy else
+                  {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": max_new_tokens})
+    settings = RunSettings(model=str(model), prompts=str(prompts) if prompts else None, generation=generation,
+                           token_budget=token_budget)
+    run_dir = None if dry_run else write_run(logs, report, packed, settings, project.variant, slurm_opts, run_id)
+    loads = [sum(c.seconds for c in shard) for shard in packed]
+    outline = {"run_dir": str(run_dir) if run_dir else None, "tasks": len(costs), "shards": len(packed),
+               "estimated_gpu_hours": round(total / 3600, 2),
+               "balance_max_over_mean": round(max(loads) / (sum(loads) / len(loads)), 3),
+               "shard_table": [{"shard": n, "tasks": len(s), "cost_s": round(l, 1),
+                                "configs": sorted({c.config for c in s})} for n, (s, l) in enumerate(zip(packed, loads))],
+               "sbatch": sbatch_preview(slurm_opts, run_dir or Path(logs) / "<run-id>", len(packed)).splitlines()}
+    if as_json:
+        click.echo(json.dumps(outline, indent=2))
+    else:
+        from .report import print_plan
+
+        print_plan(outline, dry_run)
+
+
+def load_run(run_dir: Path) -> dict:
+    from .plan import load_plan
+
+    try:
+        return load_plan(run_dir)
+    except FileNotFoundError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--executor", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
+              help="slurm: one job array through submitit; local: processes on this machine, one per GPU.")
+@click.option("--parallel", type=int, default=1, show_default=True, help="local: CPU workers at once when no GPU.")
+@click.option("--greedy", is_flag=True, help="Greedy decoding for this submission.")
+@click.option("--attempt", type=int, help="Which attempt to submit [default: the latest].")
+@slurm_flags
+def submit(run_dir, executor, parallel, greedy, attempt, **slurm):
+    """Submit a planned run: one Slurm job array (each element one shard on its own GPU), or --executor local.
+
+    Returns at once with the job id; watch with `hpc-rerun status RUN_DIR --watch`.
+    """
+    from .executors import SlurmUnavailable
+    from .submit import submit_local, submit_slurm
+
+    plan_data = load_run(run_dir)
+    attempt = attempt or len(plan_data["attempts"])
+    entry = plan_data["attempts"][attempt - 1]
+    if entry.get("executor"):
+        raise click.UsageError(f"attempt {attempt} of {run_dir} was already submitted ({entry['executor']}); "
+                               f"use `hpc-rerun resubmit {run_dir}` for what is still missing")
+    if executor == "local":
+        pid = submit_local(run_dir, attempt, parallel, greedy)
+        click.echo(f"attempt {attempt}: {len(entry['shards'])} shards running locally (pool pid {pid})")
+    else:
+        options = resolve_slurm(slurm, entry.get("slurm") or plan_data.get("slurm"))
+        try:
+            jobs = submit_slurm(run_dir, attempt, options, greedy)
+        except SlurmUnavailable as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        arrays = sorted({j.split("_")[0] for j in jobs.values()})
+        click.echo(f"attempt {attempt}: {len(jobs)} shards submitted as job array {', '.join(arrays)}")
+    click.echo(f"watch: hpc-rerun status {run_dir} --watch")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--watch", is_flag=True, help="Refresh until every shard has ended (back-off up to 60 s).")
+@click.option("--interval", type=float, default=5, show_default=True, help="First refresh interval (s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_dir, watch, interval, as_json):
+    """Progress of a run: per shard the scheduler state and done/total; totals, rate, ETA.
+
+    States come from sacct cross-checked with squeue (LOST: gone from both after a grace period);
+    done/total from the shard files. Exit 0 when finished with nothing left to rerun, 1 otherwise.
+    """
+    import time as time_module
+
+    from .status import gather, summary, to_json
+
+    load_run(run_dir)
+    while True:
+        statuses = gather(run_dir)
+        totals = summary(run_dir, statuses)
+        if as_json:
+            click.echo(json.dumps(to_json(run_dir, statuses), indent=2))
+        else:
+            from .report import print_status
+
+            print_status(run_dir, statuses, totals)
+        if not watch or totals["finished"]:
+            break
+        time_module.sleep(interval)
+        interval = min(interval * 1.5, 60)
+    if not totals["finished"] or totals["needs_rerun"]:
+        sys.exit(EXIT_GAPS)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--retry-errors", is_flag=True,
+              help="Also rerun tasks whose answer is a retryable error (OOM with half the budget/pixels, format).")
+@click.option("--partition", help="Send the new attempt to another partition.")
+@click.option("--shards", type=int, help="Number of shards for the new attempt.")
+@click.option("--parallel", type=int, default=1, show_default=True, help="local: CPU workers at once.")
+@click.option("--no-submit", is_flag=True, help="Write the new attempt but do not submit it.")
+def resubmit(run_dir, retry_errors, partition, shards, parallel, no_submit):
+    """Rerun only what is still missing from shards that ended, as a new attempt, with escalation.
+
+    Shards that are pending or running are never touched. After TIMEOUT or a lost element: twice the
+    time and smaller shards; after OUT_OF_MEMORY: more memory. Submits the way the run was submitted.
+    """
+    from .resubmit import resubmit as plan_next
+    from .submit import submit_local, submit_slurm
+
+    plan_data = load_run(run_dir)
+    executor = next((a.get("executor") for a in reversed(plan_data["attempts"]) if a.get("executor")), None)
+    attempt, entries, options = plan_next(run_dir, retry_errors, partition, shards)
+    if attempt is None:
+        click.echo("nothing to resubmit: no ended shard has missing tasks")
+        return
+    click.echo(f"attempt {attempt}: {len(entries)} tasks from shards that ended "
+               f"({', '.join(load_run(run_dir)['attempts'][-1].get('causes') or ['-'])})")
+    if no_submit:
+        return
+    if executor == "local":
+        pid = submit_local(run_dir, attempt, parallel)
+        click.echo(f"running locally (pool pid {pid})")
+    else:
+        jobs = submit_slurm(run_dir, attempt, options)
+        click.echo(f"submitted as job array {', '.join(sorted({j.split('_')[0] for j in jobs.values()}))}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def cancel(run_dir):
+    """Stop every job of a run (scancel for Slurm, the local pool otherwise). Shard files are kept."""
+    from .submit import cancel as cancel_run
+
+    load_run(run_dir)
+    cancelled = cancel_run(run_dir)
+    click.echo(f"cancelled: {', '.join(cancelled)}" if cancelled else "nothing to cancel")
 
 
 @main.command("merge-shards")

@@ -21,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_point
+from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_point, sha256_file
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
 from .shards import read_records
 
@@ -50,14 +50,6 @@ class ConfigMerge:
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_records(run_dir: Path) -> list[tuple[tuple, dict]]:

@@ -71,3 +71,57 @@ def print_merge(reports: list[ConfigMerge], dry_run: bool, console: Console | No
         table.add_row(r.config, str(len(r.replaced)), str(len(r.inserted)), str(len(r.kept_success)),
                       str(len(r.overwritten)), str(len(r.still_errors)), status)
     console.print(table)
+
+
+def print_plan(outline: dict, dry_run: bool, console: Console | None = None) -> None:
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = 160
+    title = f"plan: {outline['tasks']} tasks in {outline['shards']} shards, ~{outline['estimated_gpu_hours']} GPU h"
+    table = Table(title=title + (" (dry run: nothing written)" if dry_run else ""))
+    for column in ("shard", "tasks", "est. seconds", "configurations"):
+        table.add_column(column, justify="left" if column == "configurations" else "right")
+    for row in outline["shard_table"]:
+        table.add_row(str(row["shard"]), str(row["tasks"]), f"{row['cost_s']:.0f}", ", ".join(row["configs"]))
+    console.print(table)
+    console.print(f"balance (largest / mean shard): {outline['balance_max_over_mean']}", highlight=False)
+    console.print("sbatch options:\n  " + "\n  ".join(outline["sbatch"]), highlight=False)
+    if outline["run_dir"]:
+        console.print(f"run directory: {outline['run_dir']}\nnext: hpc-rerun submit {outline['run_dir']}",
+                      highlight=False)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def print_status(run_dir, statuses, totals: dict, console: Console | None = None) -> None:
+    from rich.progress_bar import ProgressBar
+
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = 160
+    table = Table(title=f"status of {run_dir}")
+    for column in ("attempt", "shard", "job", "state", "done", "errors"):
+        table.add_column(column, justify="left" if column in ("job", "state") else "right")
+    colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}
+    for s in statuses:
+        colour = colours.get(s.state, "red")
+        table.add_row(str(s.attempt), str(s.shard), s.job_id or "-", f"[{colour}]{s.state}[/{colour}]",
+                      f"{s.done}/{s.total}", str(s.errors))
+    console.print(table)
+    rate = totals["rate_tasks_per_s"]
+    line = Table.grid(padding=(0, 2))
+    line.add_row(ProgressBar(total=max(totals["total"], 1), completed=totals["done"], width=40),
+                 f"{totals['done']}/{totals['total']} tasks done ({totals['errors']} as errors)"
+                 + (f", {rate * 3600:.0f} tasks/h, ETA {_duration(totals['eta_s'])}" if rate else ""))
+    console.print(line, highlight=False)
+    if totals["needs_rerun"]:
+        console.print(f"{totals['needs_rerun']} shard(s) ended with tasks missing: hpc-rerun resubmit {run_dir}",
+                      highlight=False)
+    elif totals["finished"]:
+        console.print(f"finished: hpc-rerun merge-shards {run_dir}", highlight=False)

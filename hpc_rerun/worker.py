@@ -234,9 +234,12 @@ class ShardRunner:
             if task is None:
                 log.error("task %s is not in %s; skipped", entry["id"], self.spec.task_list)
                 continue
+            # Per-task overrides come from resubmit's escalation (a smaller budget or pixel cap after OOM).
+            settings = {**self.spec.configs.get(config.name, {}),
+                        **{k: entry[k] for k in ("min_pixels", "max_pixels") if k in entry}}
             try:
-                inputs.append(load_input(config, task, self.data_root, self.spec.configs.get(config.name, {}),
-                                         self.spec.token_budget or 0))
+                inputs.append(load_input(config, task, self.data_root, settings,
+                                         entry.get("token_budget") or self.spec.token_budget or 0))
             except TaskFailure as failure:
                 self.fail(writer, config, task, failure, started)
         return inputs

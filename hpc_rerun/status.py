@@ -1,0 +1,202 @@
+"""status: where a run stands, from the shard files (the truth) and the scheduler (a hint).
+
+One sacct and one squeue call per round for the whole run. sacct lags slurmctld by seconds, so a
+state is cross-checked with squeue; an element in neither after a grace period is ``LOST`` (a
+pending element scancelled inside its array vanishes from both). Without sacct, squeue and the
+shard files still tell most of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .plan import load_plan
+from .shards import read_records
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SUBMITTED"}
+ENDED_BADLY = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+               "LOST"}
+GRACE_S = float(os.environ.get("HPC_RERUN_LOST_GRACE_S", 60))  # sacct can lag slurmctld by seconds
+
+
+@dataclass
+class ShardStatus:
+    attempt: int
+    shard: int
+    job_id: str | None
+    state: str
+    total: int
+    done: int
+    errors: int
+    first_start: str | None
+    last_end: str | None
+
+    @property
+    def missing(self) -> int:
+        return self.total - self.done
+
+    @property
+    def needs_rerun(self) -> bool:
+        """Ended without finishing its tasks (or ended badly while tasks were still open)."""
+        return self.state not in ACTIVE and self.missing > 0
+
+
+def _run(command: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, str], bool]:
+    """(sacct states, squeue states, whether sacct answered) for array element ids like ``123_4``."""
+    if not job_ids:
+        return {}, {}, True
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    sacct_out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(arrays), "-o", "JobID,State"])
+    sacct = {}
+    for line in (sacct_out or "").splitlines():
+        job, _, state = line.partition("|")
+        sacct[job.strip()] = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0"
+    squeue_out = _run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"])
+    squeue = {}
+    for line in (squeue_out or "").splitlines():
+        job, _, state = line.partition("|")
+        squeue[job.strip()] = state.strip()
+    return sacct, squeue, sacct_out is not None
+
+
+def resolve_state(job_id: str, sacct: dict, squeue: dict, sacct_ok: bool, submitted: dt.datetime | None,
+                  now: dt.datetime) -> str:
+    queued = squeue.get(job_id)
+    accounted = sacct.get(job_id)
+    if queued:  # slurmctld's own view is the freshest
+        return queued
+    if accounted and accounted not in ("PENDING", "RUNNING", "REQUEUED"):
+        return accounted
+    young = submitted is not None and (now - submitted).total_seconds() < GRACE_S
+    if accounted in ("PENDING", "RUNNING", "REQUEUED"):
+        # sacct still says it is active but slurmctld does not know it: lag first, lost after a while
+        return "SUBMITTED" if young else "LOST"
+    if not sacct_ok:
+        return "SUBMITTED" if young else "ENDED"  # without accounting, only the shard file can tell
+    return "SUBMITTED" if young else "LOST"
+
+
+def local_states(run_dir: Path, attempt: dict) -> dict[str, str]:
+    path = run_dir / f"attempt-{attempt['attempt']}" / "local-state.json"
+    if not path.exists():
+        return {}
+    states = {k: v["state"] for k, v in json.loads(path.read_text()).items()}
+    pool = attempt.get("pool_pid")
+    pool_alive = bool(pool) and _alive(pool)
+    return {k: ("LOST" if s in ("RUNNING", "PENDING") and not pool_alive else s) for k, s in states.items()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
+    run_dir = Path(run_dir)
+    now = now or dt.datetime.now()
+    plan = load_plan(run_dir)
+    slurm_ids = [j for a in plan["attempts"] if a.get("executor") == "slurm" for j in a.get("jobs", {}).values()]
+    sacct, squeue, sacct_ok = slurm_states(slurm_ids)
+    statuses = []
+    for attempt in plan["attempts"]:
+        submitted = dt.datetime.fromisoformat(attempt["submitted"]) if attempt.get("submitted") else None
+        local = local_states(run_dir, attempt) if attempt.get("executor") == "local" else {}
+        for shard in attempt["shards"]:
+            key = str(shard["shard"])
+            job_id = attempt.get("jobs", {}).get(key)
+            if attempt.get("executor") == "slurm" and job_id:
+                state = resolve_state(job_id, sacct, squeue, sacct_ok, submitted, now)
+            elif attempt.get("executor") == "local":
+                state = local.get(key, "SUBMITTED" if submitted and (now - submitted).total_seconds() < GRACE_S
+                                  else "LOST")
+            else:
+                state = "PLANNED"
+            records = read_records((run_dir / shard["spec"]).with_suffix(".jsonl"))
+            keys = {(r.get("provenance", {}).get("config"), r.get("id")) for r in records}
+            starts = [r["provenance"]["start"] for r in records if r.get("provenance", {}).get("start")]
+            ends = [r["provenance"]["end"] for r in records if r.get("provenance", {}).get("end")]
+            statuses.append(ShardStatus(
+                attempt=attempt["attempt"], shard=shard["shard"], job_id=job_id or (
+                    f"local:{attempt.get('pool_pid')}" if attempt.get("executor") == "local" else None),
+                state=state, total=shard["tasks"], done=len(keys),
+                errors=sum(1 for r in records if str(r.get("Prediction", "")).startswith("[ERROR]")),
+                first_start=min(starts) if starts else None, last_end=max(ends) if ends else None,
+            ))
+    return statuses
+
+
+def task_records(run_dir: Path) -> dict[tuple[str, int], dict]:
+    """The best record so far per (config, id) over every attempt (success over error, newer over older)."""
+    from .merge import best_records, shard_records
+
+    return {(config, task_id): record for config, ids in best_records(shard_records(Path(run_dir))).items()
+            for task_id, record in ids.items()}
+
+
+def summary(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None = None) -> dict:
+    """Run totals over unique tasks (a task rerun in a later attempt counts once): done, rate, ETA."""
+    now = now or dt.datetime.now()
+    plan = load_plan(run_dir)
+    planned = {(t["config"], t["id"]) for s in plan["attempts"][0]["shards"]
+               for t in _spec_tasks(Path(run_dir) / s["spec"])}
+    records = task_records(run_dir)
+    total = len(planned)
+    done = len(planned & set(records))
+    starts = [dt.datetime.fromisoformat(s.first_start) for s in statuses if s.first_start]
+    rate = None
+    if starts and done:
+        elapsed = (now - min(starts)).total_seconds()
+        rate = done / elapsed if elapsed > 0 else None
+    remaining = total - done
+    active = [s for s in statuses if s.state in ACTIVE]
+    states: dict[str, int] = {}
+    for s in statuses:
+        states[s.state] = states.get(s.state, 0) + 1
+    errors = sum(1 for key in planned & set(records) if str(records[key].get("Prediction", "")).startswith("[ERROR]"))
+    return {
+        "total": total, "done": done, "errors": errors, "remaining": remaining,
+        "rate_tasks_per_s": round(rate, 4) if rate else None,
+        "eta_s": round(remaining / rate) if rate and remaining and active else None,
+        "states": states,
+        "needs_rerun": sum(1 for s in statuses if s.needs_rerun and _open_tasks(run_dir, plan, s, records)),
+        "finished": not active,
+    }
+
+
+def _open_tasks(run_dir: Path, plan: dict, status: ShardStatus, records: dict) -> list[tuple]:
+    """The shard's tasks that no attempt has answered yet."""
+    shard = plan["attempts"][status.attempt - 1]["shards"][status.shard]
+    return [(t["config"], t["id"]) for t in _spec_tasks(Path(run_dir) / shard["spec"])
+            if (t["config"], t["id"]) not in records]
+
+
+def _spec_tasks(spec_path: Path) -> list[dict]:
+    return json.loads(spec_path.read_text())["tasks"]
+
+
+def to_json(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None = None) -> dict:
+    return {"run_dir": str(run_dir),
+            "shards": [dict(asdict(s), missing=s.missing, needs_rerun=s.needs_rerun) for s in statuses],
+            "summary": summary(run_dir, statuses, now)}
