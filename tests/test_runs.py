@@ -1,0 +1,206 @@
+"""plan -> submit -> status -> resubmit -> merge on the real dev Slurm cluster (and the local executor).
+
+Every CLI call is a separate process, as a user's would be: the run is reattached from its directory.
+Each test has a hard time limit; waiting loops are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from hpc_rerun.benchmark import Config, load_tasks
+from hpc_rerun.plan import TaskCost, pack_shards
+from hpc_rerun.synthetic import make_item, write_result_file
+
+MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
+HPC_RERUN = [sys.executable, "-m", "hpc_rerun.cli"]
+PROFILE = Path(__file__).parent.parent / "slurm" / "profiles" / "dev-cluster.toml"
+
+
+def cli(*args, check=True, timeout=120, env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*HPC_RERUN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def status_json(run_dir, env=None) -> dict:
+    return json.loads(cli("status", run_dir, "--json", check=False, env=env).stdout)
+
+
+def wait_until(predicate, limit_s: float, what: str):
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    pytest.fail(f"timed out after {limit_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def gappy_benchmark(tmp_path):
+    """The mini benchmark with rendered images and a text_json result file missing 10 runnable tasks."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for folder in (MINI / "data").iterdir():
+        (data / folder.name).symlink_to(folder)
+    (data / "image").mkdir()
+    tasks = load_tasks(MINI / "QA_mini.json")
+    for name in {t.file_name for t in tasks.values()}:
+        Image.new("RGB", (320, 240), "white").save(data / "image" / f"{name}.png")
+    ids = sorted(tasks)
+    results = tmp_path / "results"
+    present = ids[:27]
+    write_result_file(results / "qwen3vl_text" / "text_json" / "results.json", "b", Config.parse("x/text_json"),
+                      [make_item(tasks[i], "old answer") for i in present])
+    return {"results": results, "data": data, "tasks": MINI / "QA_mini.json", "logs": tmp_path / "logs",
+            "runnable": [i for i in ids[27:] if i not in (2960, 2961, 2962)]}  # society-table10_swap.json is missing
+
+
+def plan_run(bench, tiny_model_dir, shards: int, *extra) -> Path:
+    cli("plan", bench["results"], "--data-root", bench["data"], "--tasks", bench["tasks"], "--model", tiny_model_dir,
+        "--shards", shards, "--greedy", "--max-new-tokens", 4, "--token-budget", 4096, "--logs", bench["logs"],
+        "--run-id", "run", "--profile", PROFILE, *extra, timeout=300)
+    return bench["logs"] / "run"
+
+
+def all_records(run_dir: Path) -> list[dict]:
+    from hpc_rerun.shards import read_records
+
+    return [r for path in sorted(run_dir.glob("attempt-*/shard-*.jsonl")) for r in read_records(path)]
+
+
+def max_overlap(intervals):
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_eight_shards_on_four_fake_gpus(slurm_cluster, gappy_benchmark, tiny_model_dir):
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 8, "--array-parallelism", 8)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert len(plan["attempts"][0]["shards"]) == 8
+    out = cli("submit", run_dir).stdout
+    assert "submitted as job array" in out and f"hpc-rerun status {run_dir}" in out
+    # A new process reattaches from the run directory alone.
+    final = wait_until(lambda: (s := status_json(run_dir))["summary"]["finished"] and s, 300, "the array to finish")
+    assert final["summary"]["done"] == final["summary"]["total"] == len(gappy_benchmark["runnable"])
+    assert {s["state"] for s in final["shards"]} == {"COMPLETED"}
+    records = all_records(run_dir)
+    assert sorted(r["id"] for r in records) == gappy_benchmark["runnable"]
+    assert all(r["provenance"]["slurm_array_job_id"] for r in records)
+    array = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"].split("_")[0]
+    sacct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array, "-o", "JobID,Start,End"], capture_output=True,
+                           text=True, check=True).stdout
+    intervals = []
+    for line in sacct.splitlines():
+        _, start, end = line.split("|")
+        intervals.append((start, end))
+    assert len(intervals) == 8
+    assert max_overlap(intervals) <= 4, "4 fake GPUs: never more than 4 elements at once"
+
+    merged = cli("merge-shards", run_dir)
+    assert "text_json" in merged.stdout
+    items = json.loads((gappy_benchmark["results"] / "qwen3vl_text/text_json/results.json").read_text())["results"]
+    assert {i["id"] for i in items} >= set(gappy_benchmark["runnable"])
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(480)
+def test_cancelled_lost_and_failed_elements_are_named_and_resubmit_completes(slurm_cluster, gappy_benchmark,
+                                                                            tiny_model_dir):
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 4, "--array-parallelism", 1)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    broken_spec = run_dir / plan["attempts"][0]["shards"][1]["spec"]
+    spec = json.loads(broken_spec.read_text())
+    spec["model"] = "/nonexistent/model"  # e.g. a model path the compute node cannot see: the element fails
+    broken_spec.write_text(json.dumps(spec))
+    cli("submit", run_dir)
+    jobs = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]
+    subprocess.run(["scancel", jobs["2"]], check=True)  # still pending inside the array: it vanishes
+    wait_until(lambda: status_json(run_dir)["shards"][0]["state"] == "RUNNING", 120, "element 0 to run")
+    subprocess.run(["scancel", jobs["0"]], check=True)
+    env = {"HPC_RERUN_LOST_GRACE_S": "5"}
+    final = wait_until(lambda: (s := status_json(run_dir, env))["summary"]["finished"] and s, 300, "the array")
+    states = {s["shard"]: s["state"] for s in final["shards"]}
+    assert states == {0: "CANCELLED", 1: "FAILED", 2: "LOST", 3: "COMPLETED"}, states
+    assert final["summary"]["needs_rerun"] == 3
+
+    answered = {(r["provenance"]["config"], r["id"]) for r in all_records(run_dir)}
+    planned = {(t["config"], t["id"]) for s in plan["attempts"][0]["shards"]
+               for t in json.loads((run_dir / s["spec"]).read_text())["tasks"]}
+    out = cli("resubmit", run_dir, env=env).stdout
+    assert "attempt 2" in out and "CANCELLED" in out and "FAILED" in out and "LOST" in out
+    attempt2 = json.loads((run_dir / "plan.json").read_text())["attempts"][1]
+    rerun = {(t["config"], t["id"]) for s in attempt2["shards"]
+             for t in json.loads((run_dir / s["spec"]).read_text())["tasks"]}
+    assert rerun == planned - answered, "exactly the missing tasks"
+    done = wait_until(lambda: (s := status_json(run_dir, env))["summary"]["finished"] and s, 300, "attempt 2")
+    assert done["summary"]["done"] == done["summary"]["total"] == len(planned)
+    assert done["summary"]["needs_rerun"] == 0
+    assert cli("status", run_dir, env=env).returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_local_executor_runs_the_same_shards(gappy_benchmark, tiny_model_dir, no_slurm_path):
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 2)
+    no_slurm = cli("submit", run_dir, check=False)
+    assert no_slurm.returncode == 3 and "--executor local" in no_slurm.stderr, "never a silent local fall-back"
+    out = cli("submit", run_dir, "--executor", "local", "--parallel", 2).stdout
+    assert "running locally" in out
+    final = wait_until(lambda: (s := status_json(run_dir))["summary"]["finished"] and s, 240, "the local pool")
+    assert {s["state"] for s in final["shards"]} == {"COMPLETED"}
+    assert sorted(r["id"] for r in all_records(run_dir)) == gappy_benchmark["runnable"]
+    assert all(r["provenance"]["slurm_job_id"] is None for r in all_records(run_dir))
+
+
+def test_plan_dry_run_shows_shards_and_sbatch_options_and_writes_nothing(gappy_benchmark, tiny_model_dir):
+    out = cli("plan", gappy_benchmark["results"], "--data-root", gappy_benchmark["data"], "--tasks",
+              gappy_benchmark["tasks"], "--model", tiny_model_dir, "--shards", 3, "--logs", gappy_benchmark["logs"],
+              "--partition", "gpu", "--gres", "gpu:a100:1", "--time-min", 90, "--sbatch", "constraint=a100_80gb",
+              "--dry-run", "--json").stdout
+    plan = json.loads(out)
+    assert plan["run_dir"] is None and not gappy_benchmark["logs"].exists()
+    assert plan["tasks"] == len(gappy_benchmark["runnable"]) and plan["shards"] == 3
+    assert sum(row["tasks"] for row in plan["shard_table"]) == plan["tasks"]
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gres=gpu:a100:1", "#SBATCH --time=90",
+                 "#SBATCH --constraint=a100_80gb", "#SBATCH --array=0-2%3"):
+        assert line in plan["sbatch"], plan["sbatch"]
+
+
+def test_shards_are_balanced_on_realistic_costs():
+    """Costs shaped like the real gaps (many small tasks, a few long tables): max/mean <= 1.10."""
+    rng = random.Random(3)
+    for n_shards in (2, 4, 8, 16):
+        costs = [TaskCost("c", i, 0, rng.lognormvariate(2.0, 0.8)) for i in range(147)]
+        mean = sum(c.seconds for c in costs) / n_shards
+        costs = [c for c in costs if c.seconds <= mean / 2]
+        shards = pack_shards(costs, n_shards)
+        loads = [sum(c.seconds for c in s) for s in shards]
+        assert sorted(c.id for s in shards for c in s) == sorted(c.id for c in costs), "every task exactly once"
+        assert max(loads) / (sum(loads) / len(loads)) <= 1.10, (n_shards, loads)
+
+
+def test_unknown_profile_key_is_an_error(tmp_path, gappy_benchmark, tiny_model_dir):
+    profile = tmp_path / "site.toml"
+    profile.write_text('partition = "gpu"\ngpus_per_node = 4\n')
+    proc = cli("plan", gappy_benchmark["results"], "--data-root", gappy_benchmark["data"], "--tasks",
+               gappy_benchmark["tasks"], "--model", tiny_model_dir, "--profile", profile, "--dry-run", check=False)
+    assert proc.returncode == 2 and "unknown key(s) gpus_per_node" in proc.stderr
