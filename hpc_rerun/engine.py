@@ -6,7 +6,9 @@ Works the same for Qwen3-VL-8B-Instruct on a GPU and the tiny test model on a CP
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from PIL import Image
@@ -18,6 +20,33 @@ DEFAULT_MIN_PIXELS = 4 * TOKEN_PIXELS**2
 # Measured (docs/performance.md, ../shared/notes/gpu-baseline.md): 200K prompt tokens fit in 80 GB
 # beside the 8B weights (16.3 GiB); the budget scales with the memory left after the weights.
 MEASURED_TOKENS, MEASURED_GIB, WEIGHTS_GIB = 200_000, 80, 17
+
+
+T = TypeVar("T")
+MAX_BATCH = 64
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Padded prompt tokens per generate call: three quarters of what one prompt may have on a GPU
+    (prefill activations dominate), a small batch on a CPU."""
+    if device.type != "cuda":
+        return 8192
+    return int(default_token_budget(device) * 0.75)
+
+
+def plan_batches(items: list[T], tokens: Callable[[T], int], batch_tokens: int) -> list[list[T]]:
+    """Similar lengths together: sort by prompt tokens, fill each batch up to ``batch_tokens`` padded."""
+    batches: list[list[T]] = []
+    current: list[T] = []
+    for item in sorted(items, key=tokens):
+        longest = tokens(item)  # sorted: the newcomer is the longest, so it sets the padded length
+        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= MAX_BATCH):
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -68,8 +97,9 @@ class Engine:
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             torch_dtype = getattr(torch, dtype)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=torch_dtype)
-        self.model.to(self.device).eval()
+        # Straight onto the device (accelerate's device_map): no host copy of the weights first.
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            model_path, dtype=torch_dtype, device_map=str(self.device)).eval()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer
 
@@ -97,8 +127,8 @@ class Engine:
             tokens += (w // TOKEN_PIXELS) * (h // TOKEN_PIXELS) - 1  # the placeholder becomes these
         return tokens
 
-    def generate(self, requests: list[Request]) -> list[str]:
-        """One left-padded batch; all requests must share generation settings. Raises OOM as is."""
+    def encode(self, requests: list[Request]):
+        """The processor's work for one batch (CPU): chat template, images, tokens, left padding."""
         from qwen_vl_utils import process_vision_info
 
         conversations = [self._conversation(r) for r in requests]
@@ -107,12 +137,36 @@ class Engine:
         images, _, video_kwargs = process_vision_info(
             conversations, image_patch_size=PATCH, return_video_kwargs=True, return_video_metadata=True)
         inputs = self.processor(text=texts, images=images, videos=None, padding=True, padding_side="left",
-                                return_tensors="pt", do_resize=False, **video_kwargs).to(self.device)
-        generation = dict(requests[0].generation)
+                                return_tensors="pt", do_resize=False, **video_kwargs)
+        if self.device.type == "cuda":
+            inputs = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in inputs.items()}
+        return inputs, dict(requests[0].generation)
+
+    def generate_encoded(self, encoded) -> list[str]:
+        """Generate for an encoded batch; raises torch.OutOfMemoryError as is (the caller splits)."""
+        inputs, generation = encoded
+        inputs = {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in inputs.items()}
         with torch.inference_mode():
             out = self.model.generate(**inputs, **generation)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def generate(self, requests: list[Request]) -> list[str]:
+        """One left-padded batch; all requests must share generation settings."""
+        return self.generate_encoded(self.encode(requests))
+
+    def pipelined(self, batches: list[list[T]], request_of: Callable[[T], Request]) -> Iterator[tuple[list[T], object]]:
+        """Yield each batch with its encoded inputs; the next batch is encoded on a CPU thread while
+        the GPU generates the current one."""
+        if not batches:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self.encode, [request_of(x) for x in batches[0]])
+            for number, batch in enumerate(batches):
+                encoded = future.result()
+                if number + 1 < len(batches):
+                    future = pool.submit(self.encode, [request_of(x) for x in batches[number + 1]])
+                yield batch, encoded
 
     def free_memory(self) -> None:
         if self.device.type == "cuda":

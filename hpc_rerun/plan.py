@@ -186,7 +186,7 @@ class RunSettings:
     generation: dict = field(default_factory=lambda: {
         "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 4096})
     token_budget: int | None = None
-    batch_tokens: int = 32768
+    batch_tokens: int | None = None
     dtype: str = "auto"
 
 

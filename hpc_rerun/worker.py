@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
-from .engine import Engine, Request, default_token_budget, fit_image
+from .engine import Engine, Request, default_batch_tokens, default_token_budget, fit_image, plan_batches
 from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
 from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
 from .shards import RecordWriter, ShardSpec, read_records, records_path
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 OOM_RETRIES = 3
 TRUNCATE_KEEP, TRUNCATE_SHRINK, TRUNCATE_STEPS = 0.35, 0.8, 5
-MAX_BATCH = 64
 SMALLEST_IMAGE_PIXELS = 4 * 32 * 32  # the processor's minimum: 4 visual tokens
 
 
@@ -221,8 +220,10 @@ class ShardRunner:
                         ready.append(ti)
                     except TaskFailure as failure:
                         self.fail(writer, ti.config, ti.task, failure, started, ti)
-                for batch in plan_batches(ready, self.spec.batch_tokens):
-                    self.run_batch(batch, writer)
+                batch_tokens = self.spec.batch_tokens or default_batch_tokens(self.engine.device)
+                batches = plan_batches(ready, lambda ti: ti.request.prompt_tokens, batch_tokens)
+                for batch, encoded in self.engine.pipelined(batches, lambda ti: ti.request):
+                    self.run_batch(batch, writer, encoded)
         summary["written"] = len(todo)
         return summary
 
@@ -244,11 +245,13 @@ class ShardRunner:
                 self.fail(writer, config, task, failure, started)
         return inputs
 
-    def run_batch(self, batch: list[TaskInput], writer: RecordWriter) -> None:
+    def run_batch(self, batch: list[TaskInput], writer: RecordWriter, encoded=None) -> None:
         """Generate a batch; an OOM splits it, a lone task walks the OOM ladder; other errors isolate."""
         started = time.time()
         try:
-            responses = self.engine.generate([ti.request for ti in batch])
+            if encoded is None:
+                encoded = self.engine.encode([ti.request for ti in batch])
+            responses = self.engine.generate_encoded(encoded)
         except torch.OutOfMemoryError:
             self.engine.free_memory()
             if len(batch) > 1:
@@ -304,22 +307,6 @@ class ShardRunner:
         metrics = score(ti.task, answer, self.data_root)
         writer.append(self.record(ti.task, ti.config, answer, metrics, seconds, started, None, ti))
 
-
-
-def plan_batches(inputs: list[TaskInput], batch_tokens: int) -> list[list[TaskInput]]:
-    """Similar lengths together: sort by prompt tokens, fill each batch up to ``batch_tokens`` padded."""
-    ordered = sorted(inputs, key=lambda ti: ti.request.prompt_tokens)
-    batches: list[list[TaskInput]] = []
-    current: list[TaskInput] = []
-    for ti in ordered:
-        longest = ti.request.prompt_tokens  # sorted: the newcomer is the longest
-        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= MAX_BATCH):
-            batches.append(current)
-            current = []
-        current.append(ti)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def run_shard(spec_path: str | Path, greedy: bool = False) -> dict:
