@@ -136,13 +136,16 @@ def run_seed_way(engine: Engine, requests: list[Request]) -> float:
     return time.perf_counter() - start
 
 
-def run_engine(engine: Engine, requests: list[Request]) -> tuple[float, int]:
-    batches = plan_batches(requests, lambda r: r.prompt_tokens, default_batch_tokens(engine.device))
+def run_engine(engine: Engine, requests: list[Request], batch_tokens: int, new_tokens: int = NEW_TOKENS
+               ) -> tuple[float, int]:
+    """The worker's way over all requests; ``new_tokens=1`` times the prefill alone."""
+    batches = plan_batches(requests, lambda r: r.prompt_tokens, batch_tokens)
     torch.cuda.synchronize()
     start = time.perf_counter()
     produced = 0
-    for batch, encoded in engine.pipelined(batches, lambda r: r):
-        produced += len(engine.generate_encoded(encoded))
+    for batch, (inputs, generation) in engine.pipelined(batches, lambda r: r):
+        generation = dict(generation, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        produced += len(engine.generate_encoded((inputs, generation)))
     torch.cuda.synchronize()
     assert produced == len(requests)
     return time.perf_counter() - start, len(batches)
@@ -154,6 +157,9 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3vl-8b-random"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--seed-sample", type=int, default=4, help="the seed's way runs every N-th task")
+    parser.add_argument("--batch-tokens", default="80gb",
+                        help="comma-separated padded-token budgets per batch to compare; 'default': the engine's "
+                             "for this card; '80gb': the engine's for an 80 GB card (the target's memory limit)")
     args = parser.parse_args()
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "new_tokens": NEW_TOKENS}
@@ -172,23 +178,31 @@ def main() -> None:
     sample = [r for _, r in requests[::args.seed_sample]]
     seed_s = run_seed_way(engine, sample)
     seed_peak = torch.cuda.max_memory_allocated() / 1024**3
-    torch.cuda.reset_peak_memory_stats()
-    engine_s, n_batches = run_engine(engine, [r for _, r in requests])
-    engine_peak = torch.cuda.max_memory_allocated() / 1024**3
-    seed_rate, engine_rate = len(sample) / seed_s, len(requests) / engine_s
-    report.update({
-        "seed_way": {"tasks": len(sample), "seconds": round(seed_s, 1), "tasks_per_s": round(seed_rate, 3),
-                     "peak_gib": round(seed_peak, 1)},
-        "engine": {"tasks": len(requests), "batches": n_batches, "seconds": round(engine_s, 1),
-                   "tasks_per_s": round(engine_rate, 3), "peak_gib": round(engine_peak, 1),
-                   "batch_tokens": default_batch_tokens(engine.device)},
-        "speedup": round(engine_rate / seed_rate, 2),
-    })
+    seed_rate = len(sample) / seed_s
+    report["seed_way"] = {"tasks": len(sample), "seconds": round(seed_s, 1), "tasks_per_s": round(seed_rate, 3),
+                          "peak_gib": round(seed_peak, 1)}
+    report["engine"] = []
+    named = {"default": default_batch_tokens(engine.device), "80gb": default_batch_tokens(engine.device, 79.6)}
+    budgets = [named[b] if b in named else int(b) for b in args.batch_tokens.split(",")]
+    for budget in budgets:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        engine_s, n_batches = run_engine(engine, [r for _, r in requests], budget)
+        engine_peak = torch.cuda.max_memory_allocated() / 1024**3
+        engine_rate = len(requests) / engine_s
+        prefill_s, _ = run_engine(engine, [r for _, r in requests], budget, new_tokens=1)
+        report["engine"].append({"batch_tokens": budget, "tasks": len(requests), "batches": n_batches,
+                                 "seconds": round(engine_s, 1), "prefill_only_s": round(prefill_s, 1),
+                                 "tasks_per_s": round(engine_rate, 3),
+                                 "peak_gib": round(engine_peak, 1), "speedup": round(engine_rate / seed_rate, 2)})
+        print(json.dumps(report["engine"][-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_throughput.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    print(f"\n{report['card']}: seed's way {seed_rate:.3f} tasks/s, engine {engine_rate:.3f} tasks/s, "
-          f"{report['speedup']}x; peak {engine_peak:.1f} GiB; load {report['load']['load_over_read']}x read")
+    print(f"\n{report['card']}: seed's way {seed_rate:.3f} tasks/s; load {report['load']['load_over_read']}x read")
+    for row in report["engine"]:
+        print(f"  engine, batch budget {row['batch_tokens']:>7} tokens: {row['tasks_per_s']:.3f} tasks/s, "
+              f"{row['speedup']}x, peak {row['peak_gib']} GiB")
 
 
 if __name__ == "__main__":

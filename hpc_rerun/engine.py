@@ -26,12 +26,19 @@ T = TypeVar("T")
 MAX_BATCH = 64
 
 
-def default_batch_tokens(device: torch.device) -> int:
-    """Padded prompt tokens per generate call: three quarters of what one prompt may have on a GPU
-    (prefill activations dominate), a small batch on a CPU."""
+# Measured with Qwen3-VL-8B, bf16, 128 new tokens (docs/performance.md, H200, 2026-11-27): peak
+# 41.6 GiB at 98K padded prompt tokens per batch, 82.7 GiB at 290K: ~20.6 GiB + 0.214 GiB per 1K tokens.
+BATCH_BASE_GIB, BATCH_GIB_PER_1K_TOKENS = 20.6, 0.214
+
+
+def default_batch_tokens(device: torch.device, total_gib: float | None = None) -> int:
+    """Padded prompt tokens per generate call: what fits in 85% of the card's memory (or ``total_gib``)
+    by the measured model above; a small batch on a CPU."""
     if device.type != "cuda":
         return 8192
-    return int(default_token_budget(device) * 0.75)
+    if total_gib is None:
+        total_gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
+    return max(8192, int((0.85 * total_gib - BATCH_BASE_GIB) / BATCH_GIB_PER_1K_TOKENS * 1000))
 
 
 def plan_batches(items: list[T], tokens: Callable[[T], int], batch_tokens: int) -> list[list[T]]:
