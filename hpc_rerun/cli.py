@@ -26,6 +26,7 @@ Exit codes: 0 success, 1 a check failed (e.g. runnable gaps with --fail-on-gaps)
 
 EXIT_GAPS = 1
 EXIT_BAD_INPUT = 3
+DEV_CLUSTER_PROFILE = Path(__file__).resolve().parent.parent / "slurm" / "profiles" / "dev-cluster.toml"
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,7 +38,8 @@ def main() -> None:
 @main.command("build-tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
-def build_tiny_model(out_dir: Path, seed: int) -> None:
+@click.option("--answer", help="Set the weights so it always replies this text (e.g. '[Final Answer]: Yes').")
+def build_tiny_model(out_dir: Path, seed: int, answer: str | None) -> None:
     """Write a tiny random Qwen3-VL (real architecture and processor, ~1 MB) to OUT_DIR.
 
     It loads with Qwen3VLForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained,
@@ -45,7 +47,7 @@ def build_tiny_model(out_dir: Path, seed: int) -> None:
     """
     from .tinymodel import build_tiny_qwen3vl
 
-    path = build_tiny_qwen3vl(out_dir, seed=seed)
+    path = build_tiny_qwen3vl(out_dir, seed=seed, answer=answer)
     click.echo(f"tiny Qwen3-VL written to {path}")
 
 
@@ -211,19 +213,40 @@ def scan_flags(command):
     return command
 
 
+def plan_flags(command):
+    options = [
+        click.option("--model", required=True,
+                     help="Model folder (from_pretrained), e.g. /models/Qwen3-VL-8B-Instruct."),
+        click.option("--shards", type=int, help="Number of shards (array elements)."),
+        click.option("--gpus", type=int, help="Same as --shards: one shard per GPU you will get."),
+        click.option("--target-hours", type=float, help="Shards sized to about this many GPU hours each [default: 1]."),
+        click.option("--prompts", type=click.Path(file_okay=False, path_type=Path),
+                     help="Your benchmark checkout (inference/answer_prompt_*.py); default: hpc-rerun's own prompts."),
+        click.option("--greedy", is_flag=True,
+                     help="Greedy decoding (default: the users' sampling: T 0.7, top-p 0.8, top-k 20)."),
+        click.option("--max-new-tokens", type=int, default=4096, show_default=True),
+        click.option("--token-budget", type=int,
+                     help="Prompt tokens per task before truncation [default: from the GPU's memory]."),
+        click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=Path("logs"),
+                     show_default=True, help="Where run directories are created."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def run_settings(model, prompts, greedy, max_new_tokens, token_budget):
+    from .plan import RunSettings
+
+    generation = ({"do_sample": False, "max_new_tokens": max_new_tokens} if greedy else
+                  {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": max_new_tokens})
+    return RunSettings(model=str(model), prompts=str(prompts) if prompts else None, generation=generation,
+                       token_budget=token_budget)
+
+
 @main.command()
 @scan_flags
-@click.option("--model", required=True, help="Model folder (from_pretrained), e.g. /models/Qwen3-VL-8B-Instruct.")
-@click.option("--shards", type=int, help="Number of shards (array elements).")
-@click.option("--gpus", type=int, help="Same as --shards: one shard per GPU you will get.")
-@click.option("--target-hours", type=float, help="Shards sized to about this many GPU hours each [default: 1].")
-@click.option("--prompts", type=click.Path(file_okay=False, path_type=Path),
-              help="Your benchmark checkout (inference/answer_prompt_*.py); default: hpc-rerun's own prompts.")
-@click.option("--greedy", is_flag=True, help="Greedy decoding (default: the users' sampling: T 0.7, top-p 0.8, top-k 20).")
-@click.option("--max-new-tokens", type=int, default=4096, show_default=True)
-@click.option("--token-budget", type=int, help="Prompt tokens per task before truncation [default: from GPU memory].")
-@click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=Path("logs"), show_default=True,
-              help="Where run directories are created.")
+@plan_flags
 @click.option("--run-id", help="Name of the run directory [default: date-time-random].")
 @click.option("--dry-run", is_flag=True, help="Print the shards and sbatch options; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -237,7 +260,7 @@ def plan(results_root, data_root, task_list, project_file, run_dirs, only, model
     answer length, scaled by the ProcessingTime of the configuration's existing items), and packs
     tasks of all configurations into shards, longest first. Then `hpc-rerun submit logs/<run-id>`.
     """
-    from .plan import CalibratedCosts, RunSettings, pack_shards, shard_count, write_run
+    from .plan import CalibratedCosts, pack_shards, shard_count, write_run
     from .submit import sbatch_preview
 
     slurm_opts = resolve_slurm(slurm)
@@ -250,10 +273,7 @@ def plan(results_root, data_root, task_list, project_file, run_dirs, only, model
         sys.exit(EXIT_BAD_INPUT if report.problems else 0)
     total = sum(c.seconds for c in costs)
     packed = pack_shards(costs, shard_count(total, len(costs), shards or gpus, target_hours))
-    generation = ({"do_sample": False, "max_new_tokens": max_new_tokens} if greedy else
-                  {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": max_new_tokens})
-    settings = RunSettings(model=str(model), prompts=str(prompts) if prompts else None, generation=generation,
-                           token_budget=token_budget)
+    settings = run_settings(model, prompts, greedy, max_new_tokens, token_budget)
     run_dir = None if dry_run else write_run(logs, report, packed, settings, project.variant, slurm_opts, run_id)
     loads = [sum(c.seconds for c in shard) for shard in packed]
     outline = {"run_dir": str(run_dir) if run_dir else None, "tasks": len(costs), "shards": len(packed),
@@ -396,6 +416,104 @@ def cancel(run_dir):
     click.echo(f"cancelled: {', '.join(cancelled)}" if cancelled else "nothing to cancel")
 
 
+@main.command("run")
+@scan_flags
+@plan_flags
+@click.option("--executor", type=click.Choice(["auto", "slurm", "local"]), default="auto", show_default=True,
+              help="auto: Slurm if srun is on PATH, else this machine (it says which).")
+@click.option("--max-attempts", type=int, default=3, show_default=True,
+              help="Attempts in all: failed or lost shards are resubmitted until then.")
+@click.option("--parallel", type=int, default=1, show_default=True, help="local: CPU workers at once when no GPU.")
+@slurm_flags
+def run_command(results_root, data_root, task_list, project_file, run_dirs, only, model, shards, gpus, target_hours,
+                prompts, greedy, max_new_tokens, token_budget, logs, executor, max_attempts, parallel, **slurm):
+    """All of it in one command: scan, plan, submit, live progress, resubmit, merge, scan again.
+
+    Ctrl-C leaves the jobs running and prints how to reattach (status, merge-shards).
+    Exit 0 when no runnable gap is left, 1 when some are, 3 when an input could not be read.
+    """
+    from rich.console import Console
+
+    from .pipeline import choose_executor, run_pipeline
+    from .report import print_scan
+
+    console = Console()
+    slurm_opts = resolve_slurm(slurm)
+    project, report = scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only)
+    print_scan(report, console=console)
+    executor = choose_executor(executor, console)
+    if executor == "slurm":
+        from .executors import SlurmUnavailable, check_slurm_clients
+
+        try:
+            check_slurm_clients()
+        except SlurmUnavailable as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    try:
+        run_dir = run_pipeline(report, project.variant, run_settings(model, prompts, greedy, max_new_tokens,
+                                                                     token_budget),
+                               logs=logs, executor=executor, slurm_options=slurm_opts, shards=shards or gpus,
+                               target_hours=target_hours, max_attempts=max_attempts, parallel=parallel,
+                               console=console)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if run_dir is not None:
+        _, after = scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only)
+        console.print("after the rerun:")
+        print_scan(after, console=console)
+        report = after
+    if report.problems:
+        sys.exit(EXIT_BAD_INPUT)
+    if any(c.runnable for c in report.configs):
+        sys.exit(EXIT_GAPS)
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path),
+                default=Path("hpc-rerun-demo"))
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: this machine; slurm: the dev cluster (sudo slurm/dev-cluster start) or your own.")
+def demo(directory, executor):
+    """The whole pipeline on a bundled mini benchmark with a tiny model, on any laptop (about a minute).
+
+    Writes DIRECTORY: 3 real RealHiTBench tables in every format (images rendered here), 17 tasks of
+    every question type, a result tree in all three layouts with every kind of gap, and a tiny Qwen3-VL
+    whose weights are set to always answer '[Final Answer]: Yes'. Then it runs `hpc-rerun run` on it
+    and shows the scan before and after.
+    """
+    from rich.console import Console
+
+    from .demo import write_demo
+    from .pipeline import run_pipeline
+    from .project import Project
+    from .report import print_scan
+    from .scan import scan_tree
+
+    console = Console()
+    paths = write_demo(directory, console)
+    project = Project()
+    tasks = load_tasks(paths["tasks"])
+    before = scan_tree(paths["results"], tasks, paths["tasks"], paths["data"])
+    console.print("[bold]before:[/bold]")
+    print_scan(before, console=console)
+    from .submit import load_profile, slurm_options
+
+    # On Slurm the demo asks for what the dev cluster has (slurm/dev-cluster: partition debug, 4 fake GPUs).
+    slurm_opts = slurm_options(load_profile(DEV_CLUSTER_PROFILE) if executor == "slurm" else {}, {})
+    settings = run_settings(paths["model"], None, True, 16, None)
+    run_pipeline(before, project.variant, settings, logs=directory / "logs", executor=executor,
+                 slurm_options=slurm_opts, shards=2, target_hours=None, max_attempts=2, parallel=2,
+                 console=console, poll_s=1.0)
+    after = scan_tree(paths["results"], tasks, paths["tasks"], paths["data"])
+    console.print("[bold]after:[/bold]")
+    print_scan(after, console=console)
+    left = sum(len(c.runnable) for c in after.configs)
+    console.print(f"runnable gaps left: {left} (the rest need source files that do not exist)", highlight=False)
+    if left:
+        sys.exit(EXIT_GAPS)
+
+
 @main.command("merge-shards")
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--into", "results_root", type=click.Path(file_okay=False, path_type=Path),
@@ -424,41 +542,22 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
       hpc-rerun merge-shards logs/20261127-1130-ab12
       hpc-rerun merge-shards --into result/complied --from result/rerun-text_html=qwen3vl_text/text_html
     """
-    from .merge import MergeLocked, merge, run_dir_records, shard_records
-    from .scan import discover_configs, load_run_dir, run_dir_config, scan_tree, write_skip_reports
+    from .merge import MergeLocked, merge_run
+    from .scan import rescan_after_merge
 
-    plan = {}
-    if run_dir is not None:
-        plan_path = run_dir / "plan.json"
-        if not run_dir.is_dir():
-            raise click.UsageError(f"{run_dir}: no such run directory")
-        plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
-    results_root = results_root or (Path(plan["results_root"]) if plan.get("results_root") else None)
-    if results_root is None:
-        raise click.UsageError("say where to merge: --into RESULTS_ROOT (or give a run directory with a plan.json)")
+    if run_dir is not None and not run_dir.is_dir():
+        raise click.UsageError(f"{run_dir}: no such run directory")
     if run_dir is None and not sources:
         raise click.UsageError("nothing to merge: give a run directory and/or --from DIR")
-    result_files, problems = discover_configs(results_root)
-    result_files.update({Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
-    records = shard_records(run_dir) if run_dir is not None else []
-    for value in sources:
-        source, config_name = parse_run_dir(value)
-        try:
-            files = load_run_dir(source)
-            config = Config.parse(config_name) if config_name else run_dir_config(source, files, list(result_files))
-        except ValueError as err:
-            problems.append(str(err))
-            continue
-        records += run_dir_records(files, config.name)
-    planned = {c: f["sha256"] for c, f in plan.get("result_files", {}).items()} or None
     try:
-        reports = merge({c.name: p for c, p in result_files.items()}, records, results_root=results_root,
-                        planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
-                        with_provenance=not no_provenance)
+        reports, problems, plan = merge_run(run_dir, results_root, [parse_run_dir(v) for v in sources],
+                                            overwrite=overwrite, force=force, dry_run=dry_run,
+                                            with_provenance=not no_provenance)
     except MergeLocked as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    problems += [r.problem for r in reports if r.problem]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "configs": [r.to_json() for r in reports], "problems": problems},
                               indent=2))
@@ -469,13 +568,9 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
     data_root = data_root or (Path(plan["data_root"]) if plan.get("data_root") else None)
     task_list = task_list or (Path(plan["task_list"]) if plan.get("task_list") else None)
     if not dry_run and data_root and task_list and not as_json:
-        merged = [r.config for r in reports if r.path is not None and not r.problem]
-        report = scan_tree(results_root, load_tasks(task_list), task_list, data_root, only=merged,
-                           named_configs={Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
-        write_skip_reports(report)
         from .report import print_scan
 
-        print_scan(report)
+        print_scan(rescan_after_merge(reports, plan, data_root, task_list))
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:

@@ -243,3 +243,39 @@ def merge(
                                         force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
                                         about_to_write=remember))
     return reports
+
+
+def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tuple[Path, str | None]] = (), *,
+              overwrite: bool = False, force: bool = False, dry_run: bool = False, with_provenance: bool = True
+              ) -> tuple[list[ConfigMerge], list[str], dict]:
+    """Merge a run directory's shards and/or the users' own run directories into a results root.
+
+    Returns the per-configuration outcome, the problems (unreadable inputs), and the run's plan.
+    """
+    from .benchmark import Config
+    from .scan import discover_configs, load_run_dir, run_dir_config
+
+    plan = {}
+    if run_dir is not None and (run_dir / "plan.json").exists():
+        plan = json.loads((run_dir / "plan.json").read_text())
+    results_root = results_root or (Path(plan["results_root"]) if plan.get("results_root") else None)
+    if results_root is None:
+        raise ValueError("say where to merge: --into RESULTS_ROOT (or give a run directory with a plan.json)")
+    result_files, problems = discover_configs(results_root)
+    result_files.update({Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
+    records = shard_records(run_dir) if run_dir is not None else []
+    for source, config_name in sources:
+        try:
+            files = load_run_dir(source)
+            config = Config.parse(config_name) if config_name else run_dir_config(source, files, list(result_files))
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        records += run_dir_records(files, config.name)
+    planned = {c: f["sha256"] for c, f in plan.get("result_files", {}).items()} or None
+    reports = merge({c.name: p for c, p in result_files.items()}, records, results_root=results_root,
+                    planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
+                    with_provenance=with_provenance)
+    problems += [r.problem for r in reports if r.problem]
+    plan.setdefault("results_root", str(results_root))
+    return reports, problems, plan

@@ -99,12 +99,11 @@ def _duration(seconds) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
 
 
-def print_status(run_dir, statuses, totals: dict, console: Console | None = None) -> None:
+def status_view(run_dir, statuses, totals: dict):
+    """The status table, a progress line and what to do next, as one renderable (for rich Live too)."""
+    from rich.console import Group
     from rich.progress_bar import ProgressBar
 
-    console = console or Console()
-    if not console.is_terminal:
-        console.width = 160
     table = Table(title=f"status of {run_dir}")
     for column in ("attempt", "shard", "job", "state", "done", "errors"):
         table.add_column(column, justify="left" if column in ("job", "state") else "right")
@@ -113,15 +112,21 @@ def print_status(run_dir, statuses, totals: dict, console: Console | None = None
         colour = colours.get(s.state, "red")
         table.add_row(str(s.attempt), str(s.shard), s.job_id or "-", f"[{colour}]{s.state}[/{colour}]",
                       f"{s.done}/{s.total}", str(s.errors))
-    console.print(table)
     rate = totals["rate_tasks_per_s"]
     line = Table.grid(padding=(0, 2))
     line.add_row(ProgressBar(total=max(totals["total"], 1), completed=totals["done"], width=40),
                  f"{totals['done']}/{totals['total']} tasks done ({totals['errors']} as errors)"
                  + (f", {rate * 3600:.0f} tasks/h, ETA {_duration(totals['eta_s'])}" if rate else ""))
-    console.print(line, highlight=False)
+    parts = [table, line]
     if totals["needs_rerun"]:
-        console.print(f"{totals['needs_rerun']} shard(s) ended with tasks missing: hpc-rerun resubmit {run_dir}",
-                      highlight=False)
+        parts.append(f"{totals['needs_rerun']} shard(s) ended with tasks missing: hpc-rerun resubmit {run_dir}")
     elif totals["finished"]:
-        console.print(f"finished: hpc-rerun merge-shards {run_dir}", highlight=False)
+        parts.append(f"finished: hpc-rerun merge-shards {run_dir}")
+    return Group(*parts)
+
+
+def print_status(run_dir, statuses, totals: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = 160
+    console.print(status_view(run_dir, statuses, totals), highlight=False)

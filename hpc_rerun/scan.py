@@ -291,3 +291,15 @@ def write_skip_reports(report: ScanReport) -> list[Path]:
         atomic_write_json(target, skip_ids_report(scan, report.results_root, str(report.task_list)))
         written.append(target)
     return written
+
+
+def rescan_after_merge(reports, plan: dict, data_root: Path, task_list: Path) -> ScanReport:
+    """What is left in the configurations a merge wrote; refreshes their skip_ids.json."""
+    from .benchmark import load_tasks
+
+    merged = [r.config for r in reports if r.path is not None and not r.problem]
+    named = {Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()}
+    report = scan_tree(Path(plan["results_root"]), load_tasks(task_list), task_list, data_root, only=merged,
+                       named_configs=named)
+    write_skip_reports(report)
+    return report

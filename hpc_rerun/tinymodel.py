@@ -106,10 +106,11 @@ def _train_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, answer: str | None = None) -> Path:
     """Write a tiny random Qwen3-VL (model, tokenizer, processor, chat template) to ``out_dir``.
 
-    Deterministic for a given seed and library version; well under 2 MB on disk.
+    Deterministic for a given seed and library version; well under 2 MB on disk. With ``answer``,
+    the weights are set so that it always replies exactly that text (see ``make_it_answer``).
     """
     import torch
     from transformers import (
@@ -163,6 +164,8 @@ def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 512
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    if answer is not None:
+        make_it_answer(model, tokenizer, answer)
     # Qwen3-VL-8B-Instruct's generation settings (sampling on), with the tiny tokenizer's ids.
     model.generation_config = GenerationConfig(
         do_sample=True,
@@ -190,3 +193,37 @@ def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 512
     )
     processor.save_pretrained(out)
     return out
+
+
+def make_it_answer(model, tokenizer, answer: str) -> None:
+    """Set the weights so that the model always replies ``answer`` (then <|im_end|>), whatever it is asked.
+
+    Every attention and MLP block writes zero into the residual stream, so the last position's logits
+    depend on the last token alone; each token of the reply gets its own basis vector as embedding
+    and the lm_head row of the token after it points along that vector: a fixed chain from the end
+    of the chat template's generation prompt to <|im_end|>. For the demo, where a random model would
+    never produce a well-formed answer. It still runs the real architecture and loading code.
+    """
+    import torch
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                           add_generation_prompt=True)
+    start = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
+    chain = [start] + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError(f"{answer!r}: each token of the answer must differ from the others (and from the "
+                         "prompt's last token) for a fixed chain")
+    text = model.model.language_model
+    hidden = text.config.hidden_size
+    if len(chain) > hidden:
+        raise ValueError(f"{answer!r} is too long for a {hidden}-wide model")
+    with torch.no_grad():
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = text.embed_tokens.weight, model.lm_head.weight
+        for position, (token, following) in enumerate(zip(chain, chain[1:])):
+            basis = torch.zeros(hidden)
+            basis[position] = 1.0
+            embed[token] = basis
+            head[following] = 10.0 * basis
