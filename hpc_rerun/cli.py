@@ -76,7 +76,7 @@ def scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     runs = project.runs + [parse_run_dir(r) for r in run_dirs]
-    return project, scan_tree(results_root, tasks, task_list, data_root, runs, only, project.configs)
+    return project, scan_tree(results_root, tasks, task_list, data_root, runs, list(only) or None, project.configs)
 
 
 def parse_run_dir(value: str) -> tuple[Path, str | None]:

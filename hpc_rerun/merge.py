@@ -239,9 +239,14 @@ def merge(
                     ledger[config] = sorted(set(ledger.get(config, [])) | {digest})
                     atomic_write_json(run_dir / LEDGER, ledger)
 
-            reports.append(merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
-                                        force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
-                                        about_to_write=remember))
+            try:
+                reports.append(merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
+                                            force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
+                                            about_to_write=remember))
+            except OSError as err:  # disk full, quota, permissions: this file keeps its old content
+                where = err.filename or path
+                reports.append(ConfigMerge(config, path, problem=f"{where}: cannot write ({err.strerror}); "
+                                                                 f"{path} was left as it was. Free space, then merge again"))
     return reports
 
 
@@ -258,9 +263,13 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
     plan = {}
     if run_dir is not None and (run_dir / "plan.json").exists():
         plan = json.loads((run_dir / "plan.json").read_text())
-    results_root = results_root or (Path(plan["results_root"]) if plan.get("results_root") else None)
+    planned_root = Path(plan["results_root"]).resolve() if plan.get("results_root") else None
+    results_root = results_root or planned_root
     if results_root is None:
         raise ValueError("say where to merge: --into RESULTS_ROOT (or give a run directory with a plan.json)")
+    if Path(results_root).resolve() != planned_root:  # --into another tree: the plan's files are not these
+        plan = {k: v for k, v in plan.items() if k != "result_files"}
+        plan["results_root"] = str(results_root)
     result_files, problems = discover_configs(results_root)
     result_files.update({Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
     records = shard_records(run_dir) if run_dir is not None else []
@@ -277,5 +286,5 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
                     planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
                     with_provenance=with_provenance)
     problems += [r.problem for r in reports if r.problem]
-    plan.setdefault("results_root", str(results_root))
+    plan["results_root"] = str(results_root)
     return reports, problems, plan

@@ -208,10 +208,11 @@ def scan_tree(
     task_list: str | Path,
     data_root: str | Path,
     run_dirs: list[tuple[Path, str | None]] = (),
-    only: list[str] = (),
+    only: list[str] | None = None,
     named_configs: dict[Config, Path] | None = None,
 ) -> ScanReport:
-    """Scan every configuration under ``results_root`` (plus ``named_configs``, which win).
+    """Scan every configuration under ``results_root`` (plus ``named_configs``, which win); ``only``
+    limits it to the named configurations.
 
     Unreadable files become problems, not crashes: the other configurations are still scanned.
     """
@@ -236,7 +237,7 @@ def scan_tree(
     configs = [
         scan_config(config, files, tasks, index)
         for config, files in sorted(sources.items(), key=lambda kv: kv[0].name)
-        if not only or config.name in only
+        if only is None or config.name in only
     ]
     return ScanReport(Path(results_root), Path(task_list), Path(data_root), configs, problems)
 
