@@ -258,7 +258,7 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
     Returns the per-configuration outcome, the problems (unreadable inputs), and the run's plan.
     """
     from .benchmark import Config
-    from .scan import discover_configs, load_run_dir, run_dir_config
+    from .scan import discover_configs, load_run_dir_for
 
     plan = {}
     if run_dir is not None and (run_dir / "plan.json").exists():
@@ -275,8 +275,7 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
     records = shard_records(run_dir) if run_dir is not None else []
     for source, config_name in sources:
         try:
-            files = load_run_dir(source)
-            config = Config.parse(config_name) if config_name else run_dir_config(source, files, list(result_files))
+            config, files = load_run_dir_for(source, config_name, list(result_files))
         except ValueError as err:
             problems.append(str(err))
             continue

@@ -40,20 +40,25 @@ class Project:
         return self.variants.get(name, Variant(name))
 
 
+def read_toml(path: Path, what: str, known: list[str]) -> dict:
+    """A TOML file whose top-level keys must be ``known``: a typo is an error, never a silent no-op."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchmarkError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise BenchmarkError(f"{path}: not valid TOML ({err})") from None
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise BenchmarkError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return raw
+
+
 def load_project(path: str | Path | None) -> Project:
     if path is None:
         return Project()
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise BenchmarkError(f"{path}: project file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise BenchmarkError(f"{path}: not valid TOML ({err})") from None
-    known = {"results_root", "data_root", "tasks", "variants", "configs", "runs"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise BenchmarkError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    raw = read_toml(path, "project file", ["results_root", "data_root", "tasks", "variants", "configs", "runs"])
     base = path.parent
 
     def resolve(value) -> Path:

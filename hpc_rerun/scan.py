@@ -184,6 +184,12 @@ def load_run_dir(run_dir: Path) -> list[ResultFile]:
     return [load_result_file(f) for f in files]
 
 
+def load_run_dir_for(run_dir: Path, config_name: str | None, known: list[Config]) -> tuple[Config, list[ResultFile]]:
+    """A run directory's files and the configuration they belong to (given, or read from its files)."""
+    files = load_run_dir(run_dir)
+    return (Config.parse(config_name) if config_name else run_dir_config(run_dir, files, known)), files
+
+
 def run_dir_config(run_dir: Path, files: list[ResultFile], known: list[Config]) -> Config:
     """The configuration a run directory belongs to, from its run config (modality + format)."""
     run_config = next((f.run_config for f in files if f.run_config), {})
@@ -227,8 +233,7 @@ def scan_tree(
             problems.append(str(err))
     for run_dir, config_name in run_dirs:
         try:
-            files = load_run_dir(run_dir)
-            config = Config.parse(config_name) if config_name else run_dir_config(run_dir, files, list(found))
+            config, files = load_run_dir_for(run_dir, config_name, list(found))
         except ValueError as err:
             problems.append(str(err))
             continue

@@ -13,10 +13,9 @@ import re
 import signal
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
-from .benchmark import BenchmarkError
+from .project import read_toml
 from .executors import check_slurm_clients, slurm_executor
 from .plan import load_plan, save_plan
 
@@ -38,17 +37,7 @@ def load_profile(path: str | Path | None) -> dict:
     """A site profile (TOML, see slurm/profiles/); unknown keys are an error, not a silent no-op."""
     if path is None:
         return {}
-    path = Path(path)
-    try:
-        profile = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise BenchmarkError(f"{path}: site profile not found (examples: slurm/profiles/*.toml)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise BenchmarkError(f"{path}: not valid TOML ({err})") from None
-    unknown = sorted(set(profile) - set(SLURM_DEFAULTS))
-    if unknown:
-        raise BenchmarkError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SLURM_DEFAULTS)}")
-    return profile
+    return read_toml(Path(path), "site profile (examples: slurm/profiles/*.toml)", list(SLURM_DEFAULTS))
 
 
 def slurm_options(profile: dict, overrides: dict) -> dict:

@@ -47,3 +47,13 @@ def no_slurm_path(tmp_path, monkeypatch):
             (bin_dir / tool).symlink_to(found)
     monkeypatch.setenv("PATH", str(bin_dir))
     return bin_dir
+
+
+def max_overlap(intervals) -> int:
+    """The most intervals (start, end) open at one instant: how many jobs ran at once."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak

@@ -22,6 +22,8 @@ from hpc_rerun.benchmark import Config, load_tasks
 from hpc_rerun.plan import TaskCost, pack_shards
 from hpc_rerun.synthetic import make_item, write_result_file
 
+from .conftest import max_overlap
+
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 HPC_RERUN = [sys.executable, "-m", "hpc_rerun.cli"]
 PROFILE = Path(__file__).parent.parent / "slurm" / "profiles" / "dev-cluster.toml"
@@ -81,14 +83,6 @@ def all_records(run_dir: Path) -> list[dict]:
 
     return [r for path in sorted(run_dir.glob("attempt-*/shard-*.jsonl")) for r in read_records(path)]
 
-
-def max_overlap(intervals):
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    now = peak = 0
-    for _, step in events:
-        now += step
-        peak = max(peak, now)
-    return peak
 
 
 @pytest.mark.slurm

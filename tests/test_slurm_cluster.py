@@ -14,7 +14,7 @@ import submitit
 
 from hpc_rerun.executors import SlurmUnavailable, slurm_executor
 
-from .conftest import DEV_CLUSTER
+from .conftest import DEV_CLUSTER, max_overlap
 
 # The array elements unpickle these functions in a fresh interpreter: ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -40,14 +40,6 @@ def fail_on_three(index: int) -> int:
         raise ValueError(f"task {index} is broken on purpose")
     return index
 
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    now = peak = 0
-    for _, step in events:
-        now += step
-        peak = max(peak, now)
-    return peak
 
 
 def test_array_on_fake_gpus_runs_at_most_four_at_once(slurm_cluster, tmp_path):
