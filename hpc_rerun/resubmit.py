@@ -31,8 +31,8 @@ def escalate_task(entry: dict, record: dict | None) -> dict:
     if error_class == "oom_text" and provenance.get("prompt_tokens"):
         used = provenance.get("truncated_to_tokens") or provenance["prompt_tokens"]
         entry["token_budget"] = max(used // 2, 1024)
-    if error_class == "oom_image" and provenance.get("max_pixels"):
-        entry["max_pixels"] = max(provenance["max_pixels"] // 2, 4 * 32 * 32)
+    if error_class == "oom_image" and provenance.get("image_pixels"):
+        entry["max_pixels"] = max(provenance["image_pixels"] // 2, 4 * 32 * 32)
     return entry
 
 

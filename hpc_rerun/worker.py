@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
-from .engine import Engine, Request, default_batch_tokens, default_token_budget, fit_image, plan_batches
+from .engine import DEFAULT_MAX_PIXELS, Engine, Request, default_batch_tokens, default_token_budget, fit_image, plan_batches
 from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
 from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
 from .shards import RecordWriter, ShardSpec, read_records, records_path
@@ -171,7 +171,8 @@ class ShardRunner:
             "end": dt.datetime.now().isoformat(timespec="seconds"),
             "prompt_tokens": request.extras.get("full_tokens") if request else None,
             "truncated_to_tokens": ti.truncated_to if ti else None,
-            "max_pixels": (request.image.size[0] * request.image.size[1]) if request and request.image else None,
+            "pixel_cap": (ti.max_pixels or DEFAULT_MAX_PIXELS) if request and request.image else None,
+            "image_pixels": (request.image.size[0] * request.image.size[1]) if request and request.image else None,
             "retries": ti.retries if ti else 0,
             "error_class": error_class,
             "greedy": not self.generation.get("do_sample", False),

@@ -81,7 +81,7 @@ def test_text_image_mix_end_to_end(tmp_path, tiny_model_dir, data_root):
     assert missing["provenance"]["error_class"] == "missing_input"
     # The resize variant's pixel cap is what the model saw; economy-table14.csv (47K tokens) was truncated.
     image = records[("qwen3vl_resize_pic/image", 2)]["provenance"]
-    assert image["max_pixels"] <= RESIZE["max_pixels"]
+    assert image["pixel_cap"] == RESIZE["max_pixels"] and image["image_pixels"] <= RESIZE["max_pixels"]
     csv = records[("qwen3vl_text/text_csv", 438)]["provenance"]
     assert csv["prompt_tokens"] > 20000 >= csv["truncated_to_tokens"] > 0
 
@@ -180,7 +180,8 @@ def test_oom_that_never_fits_is_recorded_per_modality(tmp_path, tiny_model_dir, 
     image = records[("qwen3vl_resize_pic/image", 3)]
     assert image["Prediction"] == "[ERROR] OOM: Image too large ((640, 480))"
     assert image["provenance"]["error_class"] == "oom_image" and image["provenance"]["retries"] == 3
-    assert image["provenance"]["max_pixels"] < 640 * 480 // 4, "the pixel cap was halved each time"
+    assert image["provenance"]["pixel_cap"] < 640 * 480 // 4, "the pixel cap was halved each time"
+    assert image["provenance"]["image_pixels"] <= image["provenance"]["pixel_cap"]
 
 
 def test_bad_inputs_never_reach_the_model(tmp_path, tiny_model_dir, data_root, monkeypatch):
@@ -215,7 +216,7 @@ def test_huge_png_opens_without_bomb_error_and_is_capped(tmp_path, tiny_model_di
     run_shard(spec)
     (record,) = records_by_key(spec).values()
     assert record["provenance"]["error_class"] == "format_failure", record["Prediction"]
-    assert record["provenance"]["max_pixels"] <= RESIZE["max_pixels"]
+    assert record["provenance"]["image_pixels"] <= RESIZE["max_pixels"] == record["provenance"]["pixel_cap"]
     fitted = fit_image(Image.new("RGB", (7500, 7000)), None, None)
     assert fitted.size[0] * fitted.size[1] <= 16384 * 32 * 32 and fitted.size[0] % 32 == 0
 
@@ -244,3 +245,26 @@ def test_users_prompt_modules_are_used_as_the_fork_did(tmp_path):
     assert text == f"Read the html table.\nT: <table/>\nQ: {task.question}\nF: AnswerName1, AnswerName2..."
     with pytest.raises(ValueError, match="answer_prompt_mlm.py: prompt module not found"):
         load_prompt_set(tmp_path, "image")
+
+
+def test_per_task_overrides_from_resubmit_are_honoured(tmp_path, tiny_model_dir, data_root):
+    from hpc_rerun.resubmit import escalate_task
+
+    oom_image = {"provenance": {"error_class": "oom_image", "image_pixels": 200_000}}
+    oom_text = {"provenance": {"error_class": "oom_text", "prompt_tokens": 40_000, "truncated_to_tokens": 9_000}}
+    image_entry = escalate_task({"config": "qwen3vl_resize_pic/image", "id": 2}, oom_image)
+    text_entry = escalate_task({"config": "qwen3vl_text/text_csv", "id": 1}, oom_text)
+    assert image_entry == {"config": "qwen3vl_resize_pic/image", "id": 2, "max_pixels": 100_000}
+    assert text_entry == {"config": "qwen3vl_text/text_csv", "id": 1, "token_budget": 4_500}
+    assert escalate_task({"config": "x/image", "id": 3}, {"provenance": {"error_class": "other"}}) == {
+        "config": "x/image", "id": 3}
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, [])
+    data = json.loads(spec.read_text())
+    data["tasks"] = [image_entry, text_entry]
+    spec.write_text(json.dumps(data))
+    run_shard(spec)
+    records = records_by_key(spec)
+    image = records[("qwen3vl_resize_pic/image", 2)]["provenance"]
+    assert image["pixel_cap"] == 100_000 and image["image_pixels"] <= 100_000
+    text = records[("qwen3vl_text/text_csv", 1)]["provenance"]
+    assert text["truncated_to_tokens"] <= 4_500 < text["prompt_tokens"]
