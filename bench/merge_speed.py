@@ -21,7 +21,7 @@ import tracemalloc
 from pathlib import Path
 
 from hpc_rerun.atomic import dump_json
-from hpc_rerun.benchmark import Config, load_tasks
+from hpc_rerun.benchmark import load_tasks
 from hpc_rerun.merge import merge, shard_records
 from hpc_rerun.results import item_ok, load_result_file
 from hpc_rerun.scan import discover_configs

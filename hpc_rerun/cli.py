@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .benchmark import DEFAULT_TASK_LIST, BenchmarkError, Config, load_tasks
+from .benchmark import DEFAULT_TASK_LIST, BenchmarkError, load_tasks
 
 HELP = """Finish a large VLM evaluation on a Slurm cluster.
 

@@ -30,6 +30,7 @@ SLURM_DEFAULTS = {
     "qos": None,
     "extra_sbatch": {},
     "setup": [],
+    "signal_delay_s": 90,  # USR2 this long before the time limit: the element requeues itself and resumes
 }
 
 
@@ -61,6 +62,7 @@ def executor_parameters(options: dict, run_id: str) -> dict:
         "slurm_qos": options.get("qos"),
         "slurm_additional_parameters": dict(options.get("extra_sbatch") or {}),
         "slurm_setup": list(options.get("setup") or []),
+        "slurm_signal_delay_s": options.get("signal_delay_s"),
     }
     return {k: v for k, v in params.items() if v not in (None, "", {}, [])}
 

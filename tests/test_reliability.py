@@ -166,3 +166,38 @@ def test_node_down_during_a_run_and_back(slurm_cluster, demo_paths):
     assert status["summary"]["done"] == status["summary"]["total"]
     cli("merge-shards", run_dir, check=True)
     assert_tree_complete(demo_paths)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_element_signalled_before_its_time_limit_requeues_itself_and_resumes(slurm_cluster, demo_paths):
+    """What Slurm does before a time limit (and on preemption): USR2 to the running element. It
+    checkpoints, requeues itself, restarts, and resumes from its shard file: no task twice, none lost.
+    The signal is sent with scancel --signal=USR2 so the moment is certain (a real 1-2 minute limit
+    makes the test a race against the machine's speed)."""
+    (demo_paths["root"] / "model").rename(demo_paths["root"] / "answering-model")
+    from hpc_rerun.tinymodel import build_tiny_qwen3vl
+
+    build_tiny_qwen3vl(demo_paths["root"] / "model")  # random: it talks until max_new_tokens
+    run_dir = plan_demo(demo_paths, 1)
+    spec_path = run_dir / "attempt-1" / "shard-0000.json"
+    spec = json.loads(spec_path.read_text())
+    spec.update(batch_tokens=1, generation={"do_sample": False, "max_new_tokens": 300, "min_new_tokens": 300})
+    spec_path.write_text(json.dumps(spec))
+    cli("submit", run_dir, check=True)
+    job = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"]
+    shard_file = spec_path.with_suffix(".jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and (not shard_file.exists() or len(read_records(shard_file)) < 2):
+        time.sleep(0.5)
+    done_before = len(read_records(shard_file))
+    assert 2 <= done_before < len(spec["tasks"]), "signalled mid-shard"
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    status = wait_finished(run_dir, 300, env={"HPC_RERUN_LOST_GRACE_S": "30"})
+    assert status["summary"]["done"] == status["summary"]["total"] == len(spec["tasks"])
+    assert [s["state"] for s in status["shards"]] == ["COMPLETED"], "one element, requeued, not resubmitted"
+    records = read_records(shard_file)
+    keys = [(r["provenance"]["config"], r["id"]) for r in records]
+    assert len(keys) == len(set(keys)) == len(spec["tasks"]), "no task answered twice across the requeue"
+    restarts = [r["provenance"]["slurm_restart_count"] for r in records]
+    assert restarts[0] == 0 and restarts[-1] >= 1, "resumed in the requeued run"
