@@ -72,8 +72,22 @@ def _sandbox_prefix(as_root: bool) -> list[str]:
     return prefix
 
 
-def run_plot_code(code: str, xlsx: Path | None, file_name: str, time_limit_s: float = TIME_LIMIT_S) -> PlotRun:
+@functools.lru_cache(maxsize=1)
+def check_sandbox() -> None:
+    """Fail loudly, once, if the sandbox itself cannot run here (so no answer is scored ECR=False for
+    a reason that is ours, not the model's)."""
+    probe = run_plot_code("import matplotlib.pyplot as plt\nplt.plot([1])\nplt.show()", None, "probe", TIME_LIMIT_S,
+                          checked=True)
+    if not probe.ok:
+        raise RuntimeError(f"the plotting sandbox cannot run here ({probe.error}); it needs this Python to be "
+                           "executable by user nobody (when run as root) and matplotlib, pandas and openpyxl")
+
+
+def run_plot_code(code: str, xlsx: Path | None, file_name: str, time_limit_s: float = TIME_LIMIT_S,
+                  checked: bool = False) -> PlotRun:
     """Run ``code`` in a sandbox beside a copy of the table (as table.xlsx and <file_name>.xlsx)."""
+    if not checked:
+        check_sandbox()
     with tempfile.TemporaryDirectory(prefix="hpc-rerun-plot-") as tmp:
         work = Path(tmp) / "work"
         work.mkdir()

@@ -85,3 +85,15 @@ def test_sandbox_reads_the_table_and_cannot_change_it():
     run = run_plot_code(code, xlsx, "society-table10")
     assert run.ok and run.y_values[0] > 0, run
     assert xlsx.read_bytes() == before, "the sandbox works on a copy"
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_zero_score(monkeypatch):
+    import hpc_rerun.sandbox as sandbox
+
+    sandbox.check_sandbox.cache_clear()
+    monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python3")
+    try:
+        with pytest.raises(RuntimeError, match="the plotting sandbox cannot run here"):
+            run_plot_code(PLOT_OK, None, "x")
+    finally:
+        sandbox.check_sandbox.cache_clear()
