@@ -152,8 +152,7 @@ class ShardRunner:
         self.engine: Engine | None = None
         self.gpu = "cpu"
 
-    def provenance(self, ti_or_config, started: float, error_class: str | None, ti: TaskInput | None = None) -> dict:
-        config = ti.config if ti else ti_or_config
+    def provenance(self, config: Config, started: float, error_class: str | None, ti: TaskInput | None = None) -> dict:
         request = ti.request if ti else None
         env = os.environ
         return {
@@ -221,6 +220,10 @@ class ShardRunner:
                         ready.append(ti)
                     except TaskFailure as failure:
                         self.fail(writer, ti.config, ti.task, failure, started, ti)
+                    except Exception as err:  # one task's broken input never stops the shard
+                        log.exception("task %s/%s: preparing the prompt failed", ti.config.name, ti.task.id)
+                        self.fail(writer, ti.config, ti.task, TaskFailure("other", f"{type(err).__name__}: {err}"),
+                                  started, ti)
                 batch_tokens = self.spec.batch_tokens or default_batch_tokens(self.engine.device)
                 batches = plan_batches(ready, lambda ti: ti.request.prompt_tokens, batch_tokens)
                 for batch, encoded in self.engine.pipelined(batches, lambda ti: ti.request):
@@ -305,7 +308,13 @@ class ShardRunner:
             failure = TaskFailure("format_failure", "Failed to get proper final answer format")
             self.fail(writer, ti.config, ti.task, failure, started, ti)
             return
-        metrics = score(ti.task, answer, self.data_root)
+        try:
+            metrics = score(ti.task, answer, self.data_root)
+        except Exception as err:  # e.g. the plotting sandbox cannot run: say so on the item, keep going
+            log.exception("task %s/%s: scoring failed", ti.config.name, ti.task.id)
+            self.fail(writer, ti.config, ti.task, TaskFailure("other", f"Scoring failed: {type(err).__name__}: {err}"),
+                      started, ti)
+            return
         writer.append(self.record(ti.task, ti.config, answer, metrics, seconds, started, None, ti))
 
 
