@@ -84,18 +84,26 @@ def parse_run_dir(value: str) -> tuple[Path, str | None]:
     return Path(path), (config if sep else None)
 
 
+def scan_flags(command):
+    options = [
+        click.argument("results_root", required=False, type=click.Path(path_type=Path)),
+        click.option("--data-root", type=click.Path(path_type=Path),
+                     help="Benchmark data folder (latex/, html/, csv/, markdown/, json/, image/, tables/)."),
+        click.option("--tasks", "task_list", type=click.Path(path_type=Path),
+                     help=f"Task list; default: {DEFAULT_TASK_LIST} in or beside the data root."),
+        click.option("--project", "project_file", type=click.Path(path_type=Path),
+                     help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs]."),
+        click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR[=CONFIG]",
+                     help="A run directory (results_*.json, checkpoint.json) whose answers count too."),
+        click.option("--config", "only", multiple=True, metavar="NAME", help="Only this configuration (repeatable)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.argument("results_root", required=False, type=click.Path(path_type=Path))
-@click.option("--data-root", type=click.Path(path_type=Path),
-              help="Benchmark data folder (latex/, html/, csv/, markdown/, json/, image/, tables/).")
-@click.option("--tasks", "task_list", type=click.Path(path_type=Path),
-              help=f"Task list; default: {DEFAULT_TASK_LIST} in or beside the data root.")
-@click.option("--project", "project_file", type=click.Path(path_type=Path),
-              help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs].")
-@click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR[=CONFIG]",
-              help="A run directory (results_*.json, checkpoint.json) whose answers count too; "
-                   "its configuration is read from its files unless given.")
-@click.option("--config", "only", multiple=True, metavar="NAME", help="Only this configuration (repeatable).")
+@scan_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON (ids included).")
 @click.option("--write-reports", is_flag=True, help="Write skip_ids.json beside each configuration's result file.")
 @click.option("--fail-on-gaps", is_flag=True, help=f"Exit {EXIT_GAPS} when any configuration has runnable gaps.")
@@ -193,24 +201,6 @@ def resolve_slurm(kwargs: dict, base: dict | None = None) -> dict:
     except BenchmarkError as err:
         raise click.UsageError(str(err)) from None
     return slurm_options({**(base or {}), **profile}, flags)
-
-
-def scan_flags(command):
-    options = [
-        click.argument("results_root", required=False, type=click.Path(path_type=Path)),
-        click.option("--data-root", type=click.Path(path_type=Path),
-                     help="Benchmark data folder (latex/, html/, csv/, markdown/, json/, image/, tables/)."),
-        click.option("--tasks", "task_list", type=click.Path(path_type=Path),
-                     help=f"Task list; default: {DEFAULT_TASK_LIST} in or beside the data root."),
-        click.option("--project", "project_file", type=click.Path(path_type=Path),
-                     help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs]."),
-        click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR[=CONFIG]",
-                     help="A run directory (results_*.json, checkpoint.json) whose answers count too."),
-        click.option("--config", "only", multiple=True, metavar="NAME", help="Only this configuration (repeatable)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 def plan_flags(command):
