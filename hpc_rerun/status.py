@@ -95,11 +95,12 @@ def local_states(run_dir: Path, attempt: dict) -> dict[str, str]:
         return {}
     states = {k: v["state"] for k, v in json.loads(path.read_text()).items()}
     pool = attempt.get("pool_pid")
-    pool_alive = bool(pool) and _alive(pool)
+    pool_alive = bool(pool) and process_alive(pool)
     return {k: ("LOST" if s in ("RUNNING", "PENDING") and not pool_alive else s) for k, s in states.items()}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """A live process (a zombie, exited but not reaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

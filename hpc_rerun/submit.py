@@ -160,10 +160,27 @@ def cancel(run_dir: Path) -> list[str]:
         cancelled += slurm_jobs
     for entry in plan["attempts"]:
         pid = entry.get("pool_pid")
-        if entry.get("executor") == "local" and pid:
-            try:
-                os.killpg(pid, signal.SIGTERM)
-                cancelled.append(f"local pool {pid}")
-            except ProcessLookupError:
-                pass
+        if entry.get("executor") == "local" and pid and stop_local_pool(pid):
+            cancelled.append(f"local pool {pid}")
     return cancelled
+
+
+def stop_local_pool(pid: int, grace_s: float = 30) -> bool:
+    """SIGTERM to the pool, which stops its workers and marks their shards CANCELLED; whatever is
+    still alive in its process group after ``grace_s`` is killed."""
+    import time
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    from .status import process_alive
+
+    deadline = time.time() + grace_s
+    while time.time() < deadline and process_alive(pid):
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True

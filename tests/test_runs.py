@@ -197,3 +197,28 @@ def test_unknown_profile_key_is_an_error(tmp_path, gappy_benchmark, tiny_model_d
     proc = cli("plan", gappy_benchmark["results"], "--data-root", gappy_benchmark["data"], "--tasks",
                gappy_benchmark["tasks"], "--model", tiny_model_dir, "--profile", profile, "--dry-run", check=False)
     assert proc.returncode == 2 and "unknown key(s) gpus_per_node" in proc.stderr
+
+
+@pytest.mark.timeout(240)
+def test_cancel_stops_a_local_run_and_status_says_so(gappy_benchmark, tiny_model_dir):
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 1)
+    spec_path = run_dir / "attempt-1" / "shard-0000.json"
+    spec = json.loads(spec_path.read_text())
+    spec["generation"] = {"do_sample": False, "max_new_tokens": 5000, "min_new_tokens": 5000}  # minutes of work
+    spec_path.write_text(json.dumps(spec))
+    cli("submit", run_dir, "--executor", "local")
+    wait_until(lambda: status_json(run_dir)["shards"][0]["state"] == "RUNNING", 60, "the shard to run")
+    pool = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["pool_pid"]
+    assert f"local pool {pool}" in cli("cancel", run_dir).stdout
+    final = wait_until(lambda: (s := status_json(run_dir))["summary"]["finished"] and s, 60, "the cancel")
+    assert final["shards"][0]["state"] == "CANCELLED"
+    assert final["summary"]["needs_rerun"] == 1, "resubmit would pick it up"
+    workers = [p for p in os.listdir("/proc") if p.isdigit() and str(spec_path) in _cmdline(p)]
+    assert workers == [], "no worker left running"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
