@@ -18,9 +18,8 @@ from pathlib import Path
 from .plan import load_plan
 from .shards import read_records
 
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SUBMITTED"}
-ENDED_BADLY = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-               "LOST"}
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SUBMITTED",
+          "ENDING"}
 GRACE_S = float(os.environ.get("HPC_RERUN_LOST_GRACE_S", 60))  # sacct can lag slurmctld by seconds
 
 
@@ -72,21 +71,20 @@ def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, str], bo
     return sacct, squeue, sacct_out is not None
 
 
-def resolve_state(job_id: str, sacct: dict, squeue: dict, sacct_ok: bool, submitted: dt.datetime | None,
+def resolve_state(job_id: str, sacct: dict, squeue: dict, sacct_ok: bool, last_sign_of_life: dt.datetime | None,
                   now: dt.datetime) -> str:
+    """One element's state. ``last_sign_of_life`` is the later of its submission and its shard file's
+    last write: an element only becomes LOST once it has been silent for the grace period."""
     queued = squeue.get(job_id)
     accounted = sacct.get(job_id)
     if queued:  # slurmctld's own view is the freshest
         return queued
     if accounted and accounted not in ("PENDING", "RUNNING", "REQUEUED"):
         return accounted
-    young = submitted is not None and (now - submitted).total_seconds() < GRACE_S
-    if accounted in ("PENDING", "RUNNING", "REQUEUED"):
-        # sacct still says it is active but slurmctld does not know it: lag first, lost after a while
-        return "SUBMITTED" if young else "LOST"
-    if not sacct_ok:
-        return "SUBMITTED" if young else "ENDED"  # without accounting, only the shard file can tell
-    return "SUBMITTED" if young else "LOST"
+    recent = last_sign_of_life is not None and (now - last_sign_of_life).total_seconds() < GRACE_S
+    if recent:
+        return "SUBMITTED" if accounted is None else "ENDING"  # sacct lags slurmctld by seconds
+    return "LOST" if sacct_ok else "ENDED"  # without accounting, only the shard file can tell
 
 
 def local_states(run_dir: Path, attempt: dict) -> dict[str, str]:
@@ -127,15 +125,20 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
         for shard in attempt["shards"]:
             key = str(shard["shard"])
             job_id = attempt.get("jobs", {}).get(key)
+            shard_file = (run_dir / shard["spec"]).with_suffix(".jsonl")
             if attempt.get("executor") == "slurm" and job_id:
-                state = resolve_state(job_id, sacct, squeue, sacct_ok, submitted, now)
+                written = (dt.datetime.fromtimestamp(shard_file.stat().st_mtime) if shard_file.exists() else None)
+                alive_at = max(t for t in (submitted, written) if t is not None) if (submitted or written) else None
+                state = resolve_state(job_id, sacct, squeue, sacct_ok, alive_at, now)
             elif attempt.get("executor") == "local":
                 state = local.get(key, "SUBMITTED" if submitted and (now - submitted).total_seconds() < GRACE_S
                                   else "LOST")
             else:
                 state = "PLANNED"
-            records = read_records((run_dir / shard["spec"]).with_suffix(".jsonl"))
+            records = read_records(shard_file)
             keys = {(r.get("provenance", {}).get("config"), r.get("id")) for r in records}
+            if state in ("LOST", "ENDED") and len(keys) >= shard["tasks"]:
+                state = "COMPLETED"  # the scheduler lost track, the shard file has every answer
             starts = [r["provenance"]["start"] for r in records if r.get("provenance", {}).get("start")]
             ends = [r["provenance"]["end"] for r in records if r.get("provenance", {}).get("end")]
             statuses.append(ShardStatus(
