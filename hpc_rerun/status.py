@@ -128,7 +128,7 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
             shard_file = (run_dir / shard["spec"]).with_suffix(".jsonl")
             if attempt.get("executor") == "slurm" and job_id:
                 written = (dt.datetime.fromtimestamp(shard_file.stat().st_mtime) if shard_file.exists() else None)
-                alive_at = max(t for t in (submitted, written) if t is not None) if (submitted or written) else None
+                alive_at = max(filter(None, (submitted, written)), default=None)
                 state = resolve_state(job_id, sacct, squeue, sacct_ok, alive_at, now)
             elif attempt.get("executor") == "local":
                 state = local.get(key, "SUBMITTED" if submitted and (now - submitted).total_seconds() < GRACE_S
