@@ -15,7 +15,7 @@ import math
 import os
 import secrets
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_json, sha256_file
@@ -69,8 +69,9 @@ class CostModel:
         from .engine import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS
 
         if relpath not in self._image_sizes:
+            Image.MAX_IMAGE_PIXELS = None  # only the header is read; 233 MP tables must not raise a bomb error
             try:
-                with Image.open(self.data_root / relpath) as image:  # reads the header only
+                with Image.open(self.data_root / relpath) as image:
                     self._image_sizes[relpath] = image.size
             except OSError:
                 self._image_sizes[relpath] = None
@@ -79,7 +80,6 @@ class CostModel:
             return 0
         max_pixels = variant.max_pixels or DEFAULT_MAX_PIXELS
         min_pixels = min(variant.min_pixels or DEFAULT_MIN_PIXELS, max_pixels)
-        Image.MAX_IMAGE_PIXELS = None
         h, w = smart_resize(size[1], size[0], factor=TOKEN_PIXELS, min_pixels=min_pixels, max_pixels=max_pixels)
         return (h // TOKEN_PIXELS) * (w // TOKEN_PIXELS)
 
@@ -207,8 +207,6 @@ def write_run(
     run_id: str | None = None,
 ) -> Path:
     """Create ``logs/<run-id>/`` with plan.json and one shard spec per array element (attempt 1)."""
-    from dataclasses import asdict
-
     from .shards import ShardSpec
 
     run_id = run_id or new_run_id()
