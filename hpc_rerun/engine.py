@@ -6,12 +6,15 @@ Works the same for Qwen3-VL-8B-Instruct on a GPU and the tiny test model on a CP
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
 import torch
 from PIL import Image
+
+from .packed import PackedGenerator, Prompt, Sampling, fill, kv_bytes_per_token
 
 PATCH = 16  # Qwen3-VL vision patch size (qwen_vl_utils' default of 14 is Qwen2's)
 TOKEN_PIXELS = 32  # one visual token per 32x32 px after the 2x2 merge
@@ -23,7 +26,14 @@ MEASURED_TOKENS, MEASURED_GIB, WEIGHTS_GIB = 200_000, 80, 17
 
 
 T = TypeVar("T")
+# Packed generation: prompts per prefill pass on a GPU (long enough for efficient matrix products,
+# short enough that the activations stay small), and the bytes of activations per prefill token
+# (Qwen3-VL-8B, bf16: the MLP's four 12288-wide rows dominate; checked against measured peaks).
+PREFILL_TOKENS = 16384
+ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
+CPU_PREFILL_TOKENS = CPU_PACKED_TOKENS = 32768
 MAX_BATCH = 64
+MAX_PACKED_BATCH = 256
 
 
 # Measured with Qwen3-VL-8B, bf16, 128 new tokens (docs/performance.md, H200, 2026-11-27): peak
@@ -41,19 +51,11 @@ def default_batch_tokens(device: torch.device, total_gib: float | None = None) -
     return max(8192, int((0.85 * total_gib - BATCH_BASE_GIB) / BATCH_GIB_PER_1K_TOKENS * 1000))
 
 
-def plan_batches(items: list[T], tokens: Callable[[T], int], batch_tokens: int) -> list[list[T]]:
-    """Similar lengths together: sort by prompt tokens, fill each batch up to ``batch_tokens`` padded."""
-    batches: list[list[T]] = []
-    current: list[T] = []
-    for item in sorted(items, key=tokens):
-        longest = tokens(item)  # sorted: the newcomer is the longest, so it sets the padded length
-        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= MAX_BATCH):
-            batches.append(current)
-            current = []
-        current.append(item)
-    if current:
-        batches.append(current)
-    return batches
+def plan_batches(items: list[T], tokens: Callable[[T], int], batch_tokens: int, padded: bool = True
+                 ) -> list[list[T]]:
+    """Similar lengths together: sort by tokens, fill each batch up to ``batch_tokens``, counted padded
+    (every row as long as the longest) or packed (the sum)."""
+    return fill(sorted(items, key=tokens), tokens, batch_tokens, padded, MAX_BATCH if padded else MAX_PACKED_BATCH)
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -95,8 +97,24 @@ class Request:
     extras: dict = field(default_factory=dict)
 
 
+@dataclass
+class Encoded:
+    """A batch after the processor (CPU work): packed prompts, or a left-padded batch for HF generate."""
+
+    generation: dict
+    prompt_tokens: int  # the batch's prompt tokens, unpadded
+    prompts: list[Prompt] | None = None  # packed path
+    sampling: Sampling | None = None
+    padded: dict | None = None  # HF generate path
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts) if self.prompts is not None else self.padded["input_ids"].shape[0]
+
+
 class Engine:
-    def __init__(self, model_path: str, dtype: str = "auto", device: str | None = None):
+    def __init__(self, model_path: str, dtype: str = "auto", device: str | None = None,
+                 prefill_tokens: int | None = None):
         from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,12 +127,47 @@ class Engine:
             model_path, dtype=torch_dtype, device_map=str(self.device)).eval()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer
+        # Prompts are processed in parallel (tokenizer and image processor release the GIL for most of it):
+        # the first batch's processing is time the GPU waits.
+        self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="encode")
+        self.packed = PackedGenerator(self.model, prefill_tokens or (PREFILL_TOKENS if self.device.type == "cuda"
+                                                                     else CPU_PREFILL_TOKENS))
 
     @property
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return "cpu"
+
+    def sampling(self, generation: dict) -> Sampling | None:
+        """The packed loop's settings, or None when only HF generate can honour ``generation``."""
+        return Sampling.from_settings(self.model.generation_config, generation)
+
+    def batch_budget(self, generation: dict, longest_prompt: int, total_gib: float | None = None) -> tuple[int, bool]:
+        """(tokens per batch, padded?): K/V cache tokens (prompt + new) a packed batch may hold, after the
+        weights and the prefill's activations, in 90% of the card (or of ``total_gib``); HF generate's
+        padded budget otherwise."""
+        if self.sampling(generation) is None:
+            return default_batch_tokens(self.device, total_gib), True
+        if self.device.type != "cuda":
+            return CPU_PACKED_TOKENS, False
+        if total_gib is None:
+            total_gib = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
+        weights = torch.cuda.memory_allocated(self.device)
+        activations = ACTIVATION_BYTES_PER_TOKEN * max(self.packed.prefill_tokens, longest_prompt)
+        free = 0.90 * total_gib * 1024**3 - weights - activations
+        return max(int(free // kv_bytes_per_token(self.model.config.text_config, self.model.dtype)), 8192), False
+
+    def plan(self, items: list[T], request_of: Callable[[T], Request], batch_tokens: int | None = None,
+             total_gib: float | None = None) -> list[list[T]]:
+        """Batches that fit the device: packed ones count prompt + new tokens, padded ones the padding."""
+        if not items:
+            return []
+        generation = request_of(items[0]).generation
+        budget, padded = self.batch_budget(generation, max(request_of(x).prompt_tokens for x in items), total_gib)
+        new_tokens = 0 if padded else self.sampling(generation).max_new_tokens
+        return plan_batches(items, lambda x: request_of(x).prompt_tokens + new_tokens, batch_tokens or budget,
+                            padded=padded)
 
     def _conversation(self, request: Request) -> list[dict]:
         content = []
@@ -134,8 +187,7 @@ class Engine:
             tokens += (w // TOKEN_PIXELS) * (h // TOKEN_PIXELS) - 1  # the placeholder becomes these
         return tokens
 
-    def encode(self, requests: list[Request]):
-        """The processor's work for one batch (CPU): chat template, images, tokens, left padding."""
+    def _process(self, requests: list[Request], **kwargs) -> dict:
         from qwen_vl_utils import process_vision_info
 
         conversations = [self._conversation(r) for r in requests]
@@ -143,26 +195,50 @@ class Engine:
                  for c in conversations]
         images, _, video_kwargs = process_vision_info(
             conversations, image_patch_size=PATCH, return_video_kwargs=True, return_video_metadata=True)
-        inputs = self.processor(text=texts, images=images, videos=None, padding=True, padding_side="left",
-                                return_tensors="pt", do_resize=False, **video_kwargs)
-        if self.device.type == "cuda":
-            inputs = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in inputs.items()}
-        return inputs, dict(requests[0].generation)
+        return self.processor(text=texts, images=images, videos=None, return_tensors="pt", do_resize=False,
+                              **video_kwargs, **kwargs)
 
-    def generate_encoded(self, encoded) -> list[str]:
-        """Generate for an encoded batch; raises torch.OutOfMemoryError as is (the caller splits)."""
-        inputs, generation = encoded
-        inputs = {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in inputs.items()}
+    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def encode(self, requests: list[Request]) -> Encoded:
+        """The processor's work for one batch (CPU): chat template, images, tokens, rope positions."""
+        generation = dict(requests[0].generation)
+        sampling = self.sampling(generation)
+        if sampling is None:
+            inputs = self._process(requests, padding=True, padding_side="left")
+            inputs = {k: self._pinned(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            return Encoded(generation, int(inputs["attention_mask"].sum()), padded=inputs)
+        prompts = list(self._encoders.map(self._prompt, requests))
+        return Encoded(generation, sum(p.length for p in prompts), prompts=prompts, sampling=sampling)
+
+    def _prompt(self, request: Request) -> Prompt:
+        inputs = self._process([request])
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"))
+        pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        return Prompt(self._pinned(inputs["input_ids"][0]), self._pinned(positions[:, 0]),
+                      None if pixels is None else self._pinned(pixels), grid)
+
+    def generate_ids(self, encoded: Encoded) -> list[list[int]]:
+        """New token ids per request; raises torch.OutOfMemoryError as is (the caller splits)."""
+        if encoded.prompts is not None:
+            return self.packed.generate(encoded.prompts, encoded.sampling)
+        inputs = {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v
+                  for k, v in encoded.padded.items()}
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **generation)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            out = self.model.generate(**inputs, **encoded.generation)
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+    def generate_encoded(self, encoded: Encoded) -> list[str]:
+        """Generate for an encoded batch; raises torch.OutOfMemoryError as is (the caller splits)."""
+        return self.tokenizer.batch_decode(self.generate_ids(encoded), skip_special_tokens=True)
 
     def generate(self, requests: list[Request]) -> list[str]:
-        """One left-padded batch; all requests must share generation settings."""
+        """One batch; all requests must share generation settings."""
         return self.generate_encoded(self.encode(requests))
 
-    def pipelined(self, batches: list[list[T]], request_of: Callable[[T], Request]) -> Iterator[tuple[list[T], object]]:
+    def pipelined(self, batches: list[list[T]], request_of: Callable[[T], Request]) -> Iterator[tuple[list[T], Encoded]]:
         """Yield each batch with its encoded inputs; the next batch is encoded on a CPU thread while
         the GPU generates the current one."""
         if not batches:

@@ -33,7 +33,7 @@ class ShardSpec:
         "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 4096})
     prompts: str | None = None  # the user's benchmark checkout; None: our default prompt set
     token_budget: int | None = None  # prompt tokens per task; None: from the device's memory
-    batch_tokens: int | None = None  # padded prompt tokens per generate call; None: from the device
+    batch_tokens: int | None = None  # tokens per batch (K/V cache, or padded prompts); None: from the device
     dtype: str = "auto"  # bfloat16 on a GPU, float32 on the CPU
 
     @property

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
-from .engine import DEFAULT_MAX_PIXELS, Engine, Request, default_batch_tokens, default_token_budget, fit_image, plan_batches
+from .engine import DEFAULT_MAX_PIXELS, Engine, Request, default_token_budget, fit_image
 from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
 from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
 from .shards import RecordWriter, ShardSpec, read_records, records_path
@@ -224,8 +224,7 @@ class ShardRunner:
                         log.exception("task %s/%s: preparing the prompt failed", ti.config.name, ti.task.id)
                         self.fail(writer, ti.config, ti.task, TaskFailure("other", f"{type(err).__name__}: {err}"),
                                   started, ti)
-                batch_tokens = self.spec.batch_tokens or default_batch_tokens(self.engine.device)
-                batches = plan_batches(ready, lambda ti: ti.request.prompt_tokens, batch_tokens)
+                batches = self.engine.plan(ready, lambda ti: ti.request, self.spec.batch_tokens)
                 for batch, encoded in self.engine.pipelined(batches, lambda ti: ti.request):
                     self.run_batch(batch, writer, encoded)
         summary["written"] = len(todo)

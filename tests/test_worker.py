@@ -127,26 +127,26 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir
 
 
 def oom_above(limit_tokens: int, calls: list):
-    """Fake what cannot happen on a CPU: a CUDA OOM (the real exception class) above a prompt size."""
-    def generate(model_generate):
-        def wrapped(**inputs):
-            calls.append(inputs["input_ids"].shape)
-            if inputs["input_ids"].numel() > limit_tokens:
+    """Fake what cannot happen on a CPU: a CUDA OOM (the real exception class) above a batch's prompt tokens."""
+    def generate(generate_encoded):
+        def wrapped(encoded):
+            calls.append((encoded.size, encoded.prompt_tokens))
+            if encoded.prompt_tokens > limit_tokens:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            return model_generate(**inputs)
+            return generate_encoded(encoded)
         return wrapped
     return generate
 
 
 @pytest.fixture
 def oom_engine(monkeypatch):
-    """Engines whose generate raises torch.OutOfMemoryError above ``limit`` batch tokens."""
+    """Engines whose generate raises torch.OutOfMemoryError above ``limit`` prompt tokens per batch."""
     state = {"limit": 0, "calls": []}
     original_init = Engine.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.model.generate = oom_above(state["limit"], state["calls"])(self.model.generate)
+        self.generate_encoded = oom_above(state["limit"], state["calls"])(self.generate_encoded)
 
     monkeypatch.setattr(Engine, "__init__", init)
     return state
@@ -165,7 +165,7 @@ def test_oom_ladder_halves_the_budget_then_gives_up_with_a_class(tmp_path, tiny_
     assert 0 < big["truncated_to_tokens"] <= 2600 < big["prompt_tokens"]
     small = records[("qwen3vl_text/text_csv", 1634)]["provenance"]  # fits alone: the batch was split
     assert small["retries"] == 0 and small["error_class"] == "format_failure"
-    assert any(shape[0] > 1 for shape in oom_engine["calls"]), "they were first tried as one batch"
+    assert any(size > 1 for size, _ in oom_engine["calls"]), "they were first tried as one batch"
 
 
 def test_oom_that_never_fits_is_recorded_per_modality(tmp_path, tiny_model_dir, data_root, oom_engine):
@@ -221,17 +221,90 @@ def test_huge_png_opens_without_bomb_error_and_is_capped(tmp_path, tiny_model_di
     assert fitted.size[0] * fitted.size[1] <= 16384 * 32 * 32 and fitted.size[0] % 32 == 0
 
 
-def test_engine_batch_equals_one_by_one_in_fp32_greedy(tiny_model_dir, data_root):
+def seed_way(engine: Engine, request: Request, generation: dict) -> str:
+    """What the seed did: one task, HF generate, batch 1."""
+    inputs = engine._process([request])
+    out = engine.model.generate(**inputs, **generation)
+    return engine.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture
+def engine_requests(tiny_model_dir, data_root):
     engine = Engine(str(tiny_model_dir), dtype="float32")
     tasks = load_tasks(TASKS)
     image = fit_image(Image.open(data_root / "image" / "science-table32.png").convert("RGB"), None, None)
-    greedy = {"do_sample": False, "max_new_tokens": 10, "min_new_tokens": 10}
-    requests = [
-        Request(build_prompt_text(tasks[1634], "text", "csv", "a,b\n1,2", DEFAULT_PROMPTS), None, greedy),
-        Request(build_prompt_text(tasks[1635], "image", None, None, DEFAULT_PROMPTS), image, greedy),
-        Request(build_prompt_text(tasks[1636], "mix", "csv", "a,b\n1,2\n3,4\n5,6", DEFAULT_PROMPTS), image, greedy),
-    ]
-    assert engine.generate(requests) == [engine.generate([r])[0] for r in requests]
+    table = "\n".join(f"{n},{n * 7 % 13}" for n in range(40))
+    prompts = [(tasks[1634], "text", "csv", "a,b\n1,2", None), (tasks[1635], "image", None, None, image),
+               (tasks[1636], "mix", "csv", "a,b\n1,2\n3,4\n5,6", image), (tasks[1], "text", "csv", table, None)]
+    return engine, [(build_prompt_text(t, modality, fmt, text, DEFAULT_PROMPTS), image)
+                    for t, modality, fmt, text, image in prompts]
+
+
+def test_engine_packed_batch_equals_one_by_one_in_fp32_greedy(engine_requests):
+    """Packed prompts, one K/V pool, per-sequence attention: the same tokens as the seed's way."""
+    engine, prompts = engine_requests
+    greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
+    requests = [Request(text, image, greedy) for text, image in prompts]
+    assert engine.encode(requests).prompts is not None, "greedy settings take the packed path"
+    expected = [seed_way(engine, r, greedy) for r in requests]
+    assert engine.generate(requests) == expected
+    engine.packed.prefill_tokens = 1  # every prompt its own prefill pass
+    assert engine.generate(requests[::-1]) == expected[::-1]
+
+
+def test_engine_stops_each_sequence_at_its_end_token(tiny_model_dir, data_root):
+    """Each sequence stops at its own end token (the answering model says its answer, then <|im_end|>);
+    min_new_tokens holds the end token back as HF does."""
+    from hpc_rerun.tinymodel import build_tiny_qwen3vl
+
+    answering = build_tiny_qwen3vl(data_root.parent / "answering", answer="[Final Answer]: Yes")
+    engine = Engine(str(answering), dtype="float32")
+    short = {"do_sample": False, "max_new_tokens": 30}
+    held = {"do_sample": False, "max_new_tokens": 30, "min_new_tokens": 30}
+    for generation in (short, held):
+        requests = [Request("Is it?", None, generation), Request("Is it, for this longer table a,b 1,2?", None, generation)]
+        expected = [seed_way(engine, r, generation) for r in requests]
+        assert engine.generate(requests) == expected
+    assert expected[0] != engine.generate([Request("Is it?", None, short)])[0], "min_new_tokens changed the output"
+
+
+def test_engine_plans_packed_batches_by_cache_tokens_and_padded_ones_by_padding(engine_requests):
+    engine, _ = engine_requests
+    greedy = {"do_sample": False, "max_new_tokens": 100}
+    requests = [Request("x", None, greedy, prompt_tokens=n) for n in (900, 100, 400, 300)]
+    # packed: prompt + 100 new tokens each, summed: 200 + 400 + 500 = 1100 fit, 1000 more do not
+    batches = engine.plan(requests, lambda r: r, batch_tokens=1100)
+    assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300, 400], [900]]
+    penalised = dict(greedy, repetition_penalty=1.3)  # HF generate: rows padded, 3 x 400 > 1100
+    requests = [Request("x", None, penalised, prompt_tokens=n) for n in (900, 100, 400, 300)]
+    batches = engine.plan(requests, lambda r: r, batch_tokens=1100)
+    assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300], [400], [900]]
+
+
+def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement(engine_requests):
+    engine, prompts = engine_requests
+    penalised = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.3}
+    requests = [Request(text, image, penalised) for text, image in prompts[:3]]
+    encoded = engine.encode(requests)
+    assert encoded.prompts is None and encoded.padded is not None
+    assert engine.generate_encoded(encoded) == [seed_way(engine, r, penalised) for r in requests]
+
+
+def test_engine_sampling_follows_the_warpers(engine_requests):
+    """top_k=1 leaves only the best token, whatever the temperature: sampling must equal greedy;
+    with Qwen's settings, two seeds give different text but the same seed the same."""
+    engine, prompts = engine_requests
+    requests = lambda generation: [Request(text, image, generation) for text, image in prompts]
+    greedy = engine.generate(requests({"do_sample": False, "max_new_tokens": 10}))
+    top1 = {"do_sample": True, "temperature": 5.0, "top_k": 1, "max_new_tokens": 10}
+    assert engine.generate(requests(top1)) == greedy
+    qwen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 10}
+    torch.manual_seed(1)
+    first = engine.generate(requests(qwen))
+    torch.manual_seed(1)
+    assert engine.generate(requests(qwen)) == first
+    torch.manual_seed(2)
+    assert engine.generate(requests(qwen)) != first
 
 
 def test_users_prompt_modules_are_used_as_the_fork_did(tmp_path):

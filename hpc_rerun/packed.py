@@ -1,0 +1,443 @@
+"""Packed generation: prompts without padding, one K/V pool, variable-length attention.
+
+Why: a left-padded batch pays for its padding in every matrix product, forces a masked attention
+kernel (no flash), and HF's DynamicCache copies the whole cache at every step (docs/performance.md).
+Here each sequence owns a contiguous region of one preallocated K/V pool: prefill packs whole prompts
+into one row, decode sends one token per sequence, and attention reads each region in place
+(flash-attention's varlen kernel on a GPU, a per-sequence SDPA loop elsewhere). The model's own
+modules do everything else; only the attention function is swapped, for the duration of a call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "hpc_rerun_packed"
+# Generation settings the packed loop implements; anything else goes through HF generate.
+SUPPORTED_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens",
+                      "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"}
+DONE_CHECK_EVERY = 8  # decode steps between host checks for "all finished" (each check syncs)
+KEY_PIECE = 2048  # keys per piece of decode attention (KeySplit)
+
+
+@dataclass
+class Prompt:
+    """One request, tokenized: ids, 3-D rope positions, its image's patches (CPU, pinned on GPU hosts)."""
+
+    input_ids: torch.Tensor  # [L]
+    positions: torch.Tensor  # [3, L]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None  # [1, 3]
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def next_position(self) -> int:
+        return int(self.positions.max()) + 1
+
+
+@dataclass
+class Sampling:
+    """The generation settings the packed loop understands (merged with the model's own defaults)."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_token_ids: list[int]
+    pad_token_id: int
+    _eos: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, model_defaults, generation: dict) -> Sampling | None:
+        """Merge like HF generate does (the model's generation_config, then the call's settings); None
+        when the result needs something only HF generate does (beams, penalties, ...)."""
+        from transformers import GenerationConfig
+
+        merged = copy.deepcopy(model_defaults) if model_defaults is not None else GenerationConfig()
+        unknown = merged.update(**generation)
+        if unknown or set(merged.to_diff_dict()) - SUPPORTED_SETTINGS or merged.max_new_tokens is None:
+            return None
+        defaults = GenerationConfig._get_default_generation_params()  # what generate() fills in when unset
+
+        def setting(name):
+            value = getattr(merged, name)
+            return defaults.get(name) if value is None else value
+
+        eos = merged.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = merged.pad_token_id if merged.pad_token_id is not None else (eos[0] if eos else 0)
+        return cls(max_new_tokens=int(merged.max_new_tokens), min_new_tokens=int(merged.min_new_tokens or 0),
+                   do_sample=bool(setting("do_sample")), temperature=float(setting("temperature")),
+                   top_k=int(setting("top_k") or 0), top_p=float(setting("top_p")),
+                   eos_token_ids=eos, pad_token_id=pad)
+
+    def pick(self, logits: torch.Tensor, produced: torch.Tensor) -> torch.Tensor:
+        """Next token per row, as HF's greedy/sampling would choose it (processors, then warpers).
+
+        ``produced`` (tokens generated so far) is a device tensor, so a CUDA graph can replay this."""
+        logits = logits.float()
+        if self.min_new_tokens and self.eos_token_ids:
+            if self._eos is None:  # made once, at prefill: a CUDA graph cannot copy from the host
+                self._eos = torch.tensor(self.eos_token_ids, device=logits.device)
+            eos = self._eos
+            logits[:, eos] = torch.where(produced < self.min_new_tokens, float("-inf"), logits[:, eos])
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=False)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - self.top_p
+            drop[:, -1] = False
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+@dataclass
+class Layout:
+    """Where one forward pass's new tokens go and what each sequence attends to.
+
+    ``cu_q``: offsets of each sequence's new tokens in the packed row; ``starts``: each sequence's
+    region in the pool (plus one end, as varlen kernels want); ``used``: keys each sequence attends to
+    after this pass's tokens are written. Host copies serve the fallback loop without device syncs.
+    """
+
+    pool: torch.Tensor  # [layers, 2, capacity, kv_heads, head_dim]
+    slots: torch.Tensor  # [T] pool row of each new token
+    cu_q: torch.Tensor
+    starts: torch.Tensor
+    used: torch.Tensor
+    max_q: int
+    max_k: int
+    host_cu_q: list[int]
+    host_starts: list[int]
+    host_used: list[int] | None  # None while decoding: read from ``used`` when needed
+    split: KeySplit | None = None  # decoding: each sequence's keys in pieces
+
+
+class KeySplit:
+    """Decode attention over key pieces (flash-decoding), merged by their log-sum-exp.
+
+    Why: at one query token per sequence the kernel gives each (sequence, K/V head) one thread block,
+    so a 16K-token sequence is read by 8 blocks while the rest of the GPU idles. Cut into pieces of
+    ``size`` keys, each piece is its own varlen entry and the reads spread over the whole chip. All
+    tensors keep their shapes from step to step (a CUDA graph replays them); ``update`` refreshes them.
+    """
+
+    def __init__(self, region_starts: torch.Tensor, max_k: int, size: int, capacity: int):
+        n = region_starts.shape[0]
+        self.size = size
+        self.pieces = -(-max_k // size)
+        self.offsets = torch.arange(self.pieces, device=region_starts.device, dtype=torch.int32) * size
+        # A piece past its sequence's region reads nothing (weight 0) but must still point into the pool.
+        starts = (region_starts[:, None] + self.offsets).reshape(-1).clamp_(max=capacity - 1)
+        self.starts = torch.cat([starts, starts[-1:]]).to(torch.int32)
+        self.used = torch.ones(n * self.pieces, dtype=torch.int32, device=region_starts.device)
+        self.valid = torch.ones(n, self.pieces, dtype=torch.bool, device=region_starts.device)
+
+    def update(self, used: torch.Tensor) -> None:
+        """Keys per piece for sequences holding ``used`` keys (empty pieces read one key, weighted 0)."""
+        per_piece = (used[:, None] - self.offsets).clamp_(0, self.size)
+        torch.gt(per_piece, 0, out=self.valid)
+        torch.clamp(per_piece.reshape(-1), min=1, out=self.used)
+
+
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_agrees(device, dtype)
+
+
+@functools.cache
+def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per process: the varlen kernel on this torch build against the SDPA loop, on a prefill and
+    a decode over pool regions that do not start at 0. A build without it (or with a different
+    causal alignment) falls back to the loop with a warning instead of giving wrong answers."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        pool = torch.randn(2, 64, 2, 128, generator=gen, device=device, dtype=dtype)
+        for decode, lengths, used in ((False, [5, 9], [5, 9]), (True, [1, 1], [7, 30])):
+            cu = [0, lengths[0], sum(lengths)]
+            starts = [3, 20, 64]
+            device_starts = torch.tensor(starts, dtype=torch.int32, device=device)
+            device_used = torch.tensor(used, dtype=torch.int32, device=device)
+            split = None
+            if decode:  # pieces of 8 keys: 1 and 4 pieces, the last ones partly and wholly empty
+                split = KeySplit(device_starts[:-1], 40, 8, pool.shape[1])
+                split.update(device_used)
+            layout = Layout(pool=pool, slots=torch.empty(0, device=device),
+                            cu_q=torch.tensor(cu, dtype=torch.int32, device=device), starts=device_starts,
+                            used=device_used, max_q=max(lengths), max_k=max(used), host_cu_q=cu,
+                            host_starts=starts, host_used=used, split=split)
+            q = torch.randn(cu[-1], 8, 128, generator=gen, device=device, dtype=dtype)
+            fast = _flash(q, pool[0], pool[1], layout, causal=not decode, scale=128**-0.5)
+            slow = _reference(q, pool[0], pool[1], layout, 128**-0.5)
+            error = ((fast.float() - slow.float()).norm() / slow.float().norm()).item()
+            if not error < 1e-2:
+                raise ValueError(f"relative error {error:.3g} against SDPA ({'decode' if decode else 'prefill'})")
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
+        log.warning("flash-attention varlen kernel not used (%s: %s); attention runs per sequence with SDPA",
+                    type(err).__name__, err)
+        return False
+
+
+def _flash(q, k, v, layout: Layout, causal: bool, scale: float) -> torch.Tensor:
+    """flash-attention's varlen kernel reading the pool in place; ``seqused_k`` bounds each region."""
+    if layout.split is not None:
+        return _flash_decode(q, k, v, layout.split, scale)
+    return torch.ops.aten._flash_attention_forward(
+        q.contiguous(), k, v, layout.cu_q, layout.starts, layout.max_q, layout.max_k, 0.0, causal, False,
+        scale=scale, seqused_k=layout.used)[0]
+
+
+def _flash_decode(q, k, v, split: KeySplit, scale: float) -> torch.Tensor:
+    """One query token per sequence, over key pieces. The query heads sharing a K/V head go in as that
+    head's query rows (each K/V piece is read once, not once per query head); the pieces' partial
+    results are merged with their log-sum-exp, as flash-decoding does."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group, pieces = heads // kv_heads, split.pieces
+    rows = q.reshape(n, kv_heads, group, dim).transpose(1, 2)  # [n, group, kv_heads, dim]
+    rows = rows[:, None].expand(n, pieces, group, kv_heads, dim).reshape(n * pieces * group, kv_heads, dim)
+    cu_q = torch.arange(0, (n * pieces + 1) * group, group, dtype=torch.int32, device=q.device)
+    out, lse = torch.ops.aten._flash_attention_forward(
+        rows, k, v, cu_q, split.starts, group, split.size, 0.0, False, False, scale=scale,
+        seqused_k=split.used)[:2]
+    out = out.view(n, pieces, group, kv_heads, dim)
+    if lse.dim() == 2:  # [kv_heads, total rows]
+        lse = lse.view(kv_heads, n, pieces, group).permute(1, 2, 3, 0)
+    else:  # [entries, kv_heads, rows per entry] (older kernels)
+        lse = lse[..., :group].view(n, pieces, kv_heads, group).transpose(2, 3)
+    lse = lse.masked_fill(~split.valid[:, :, None, None], float("-inf"))
+    weights = (lse - lse.amax(1, keepdim=True)).exp_()  # [n, pieces, group, kv_heads]
+    merged = (out.float() * weights[..., None]).sum(1) / weights.sum(1)[..., None]
+    return merged.to(q.dtype).transpose(1, 2).reshape(n, heads, dim)
+
+
+def _reference(q, k, v, layout: Layout, scale: float) -> torch.Tensor:
+    """The same attention one sequence at a time with SDPA (CPUs, and GPUs without flash)."""
+    used = layout.host_used if layout.host_used is not None else layout.used.tolist()
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for b, (q0, q1) in enumerate(zip(layout.host_cu_q, layout.host_cu_q[1:])):
+        start = layout.host_starts[b]
+        keys = k[start:start + used[b]].transpose(0, 1).repeat_interleave(group, dim=0)
+        values = v[start:start + used[b]].transpose(0, 1).repeat_interleave(group, dim=0)
+        query = q[q0:q1].transpose(0, 1)
+        mask = None
+        if q1 - q0 > 1:  # causal, the queries being the last keys
+            offset = used[b] - (q1 - q0)
+            mask = torch.ones(q1 - q0, used[b], dtype=torch.bool, device=q.device).tril(offset)
+        out[q0:q1] = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale).transpose(0, 1)
+    return out
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed: Layout = None,
+                     **kwargs):
+    """Registered with transformers as ``ATTENTION``: write the new K/V into the pool, attend in place."""
+    layout = packed
+    pool = layout.pool[module.layer_idx]
+    pool[0].index_copy_(0, layout.slots, key[0].transpose(0, 1))
+    pool[1].index_copy_(0, layout.slots, value[0].transpose(0, 1))
+    q = query[0].transpose(0, 1)  # [T, heads, dim]
+    if flash_available(q.device, q.dtype):
+        out = _flash(q, pool[0], pool[1], layout, causal=layout.max_q > 1, scale=scaling)
+    else:
+        out = _reference(q, pool[0], pool[1], layout, scaling)
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, packed_attention)
+
+
+@contextlib.contextmanager
+def packed_attention_for(text_config):
+    """Swap the language model's attention for the packed one; the vision tower keeps its own."""
+    before = text_config._attn_implementation
+    text_config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = before
+
+
+def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
+    size = torch.tensor([], dtype=dtype).element_size()
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return text_config.num_hidden_layers * 2 * text_config.num_key_value_heads * head_dim * size
+
+
+def fill(items: list, size, budget: int, padded: bool = False, most: int | None = None) -> list[list]:
+    """Consecutive groups in the given order, each within ``budget`` tokens: summed, or padded (every
+    item as long as the newest, so give padded groups in increasing size), at most ``most`` items."""
+    groups, current, total = [], [], 0
+    for item in items:
+        tokens = size(item)
+        cost = (len(current) + 1) * tokens if padded else total + tokens
+        if current and (cost > budget or (most is not None and len(current) >= most)):
+            groups.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += tokens
+    if current:
+        groups.append(current)
+    return groups
+
+
+def prefill_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Consecutive prompts, whole, up to ``chunk_tokens`` per forward pass (a longer prompt goes alone)."""
+    return fill(list(range(len(lengths))), lengths.__getitem__, chunk_tokens)
+
+
+class PackedGenerator:
+    """Prefill in packed chunks, then decode every sequence together, one token each per step."""
+
+    def __init__(self, model, prefill_tokens: int, cuda_graphs: bool = True):
+        register()
+        self.cuda_graphs = cuda_graphs
+        self.model = model
+        self.text_config = model.config.text_config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.prefill_tokens = prefill_tokens
+        cfg = self.text_config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.pool_shape = (cfg.num_hidden_layers, 2, None, cfg.num_key_value_heads, self.head_dim)
+
+    def _forward(self, ids, positions, layout: Layout, logits_to_keep, pixel_values=None, grid=None):
+        return self.model(input_ids=ids[None], position_ids=positions[:, None], pixel_values=pixel_values,
+                          image_grid_thw=grid, use_cache=False, logits_to_keep=logits_to_keep,
+                          packed=layout).logits[0]
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[int]]:
+        """New token ids per prompt (up to and including its end-of-sequence token)."""
+        device, n = self.device, len(prompts)
+        lengths = [p.length for p in prompts]
+        capacity = [length + sampling.max_new_tokens for length in lengths]
+        starts = [0]
+        for cap in capacity:
+            starts.append(starts[-1] + cap)
+        shape = list(self.pool_shape)
+        shape[2] = starts[-1]
+        pool = torch.empty(shape, dtype=self.dtype, device=device)
+        tokens = torch.full((n, sampling.max_new_tokens), sampling.pad_token_id, dtype=torch.long, device=device)
+        with packed_attention_for(self.text_config):
+            for chunk in prefill_chunks(lengths, self.prefill_tokens):
+                tokens[chunk, 0] = self._prefill(prompts, chunk, starts, pool, sampling)
+            self._decode(prompts, lengths, starts, pool, tokens, sampling)
+        rows = tokens.tolist()
+        eos = set(sampling.eos_token_ids)
+        out = []
+        for row in rows:
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:end])
+        return out
+
+    def _prefill(self, prompts, chunk, starts, pool, sampling) -> torch.Tensor:
+        device = self.device
+        lengths = [prompts[i].length for i in chunk]
+        cu = [0]
+        for length in lengths:
+            cu.append(cu[-1] + length)
+        region = [starts[i] for i in chunk] + [starts[chunk[-1] + 1]]
+        slots = torch.cat([torch.arange(starts[i], starts[i] + prompts[i].length) for i in chunk])
+        layout = Layout(
+            pool=pool, slots=slots.to(device, non_blocking=True),
+            cu_q=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
+            starts=torch.tensor(region, dtype=torch.int32).to(device, non_blocking=True),
+            used=torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True),
+            max_q=max(lengths), max_k=max(lengths), host_cu_q=cu, host_starts=region, host_used=lengths)
+        ids = torch.cat([prompts[i].input_ids for i in chunk]).to(device, non_blocking=True)
+        positions = torch.cat([prompts[i].positions for i in chunk], dim=1).to(device, non_blocking=True)
+        with_image = [prompts[i] for i in chunk if prompts[i].pixel_values is not None]
+        pixels = grid = None
+        if with_image:
+            pixels = torch.cat([p.pixel_values for p in with_image]).to(device, non_blocking=True)
+            grid = torch.cat([p.image_grid_thw for p in with_image]).to(device, non_blocking=True)
+        last = torch.tensor(cu[1:], dtype=torch.long).sub_(1).to(device, non_blocking=True)
+        logits = self._forward(ids, positions, layout, last, pixels, grid)
+        return sampling.pick(logits, torch.zeros((), dtype=torch.long, device=device))
+
+    def _decode(self, prompts, lengths, starts, pool, tokens, sampling) -> None:
+        """One token per sequence per step, all in place on device tensors; greedy decoding on a GPU
+        replays the step as a CUDA graph (one launch instead of some 700 kernels from Python)."""
+        device, n = self.device, len(prompts)
+        eos = torch.tensor(sampling.eos_token_ids or [-1], device=device)
+        region = torch.tensor(starts, dtype=torch.int32, device=device)
+        length = torch.tensor(lengths, dtype=torch.int32, device=device)  # keys in each region
+        position = torch.tensor([p.next_position for p in prompts], dtype=torch.long, device=device)
+        produced = torch.ones((), dtype=torch.long, device=device)
+        current = tokens[:, 0].clone()
+        done = torch.isin(current, eos)
+        slots = torch.empty(n, dtype=torch.long, device=device)
+        used = torch.empty(n, dtype=torch.int32, device=device)
+        one = torch.ones((), dtype=torch.int32, device=device)
+        pad = torch.full((), sampling.pad_token_id, dtype=torch.long, device=device)
+        max_k = max(lengths) + sampling.max_new_tokens
+        layout = Layout(pool=pool, slots=slots, cu_q=torch.arange(n + 1, dtype=torch.int32, device=device),
+                        starts=region, used=used, max_q=1, max_k=max_k, host_cu_q=list(range(n + 1)),
+                        host_starts=starts, host_used=None, split=KeySplit(region[:-1], max_k, KEY_PIECE, starts[-1]))
+
+        def step() -> None:
+            torch.add(region[:-1], length, out=slots)
+            length.add_(1)
+            # A finished sequence keeps its place in the batch but attends to one key: nearly free.
+            torch.where(done, one, length, out=used)
+            layout.split.update(used)
+            logits = self._forward(current, position.expand(3, n), layout, 0)
+            torch.where(done, pad, sampling.pick(logits, produced), out=current)
+            done.logical_or_(torch.isin(current, eos))
+            position.add_(1)
+            produced.add_(1)
+
+        graph = None
+        for number in range(1, sampling.max_new_tokens):
+            if number % DONE_CHECK_EVERY == 0 and bool(done.all()):
+                break
+            if graph is not None:
+                graph.replay()
+            elif self.cuda_graphs and device.type == "cuda" and not sampling.do_sample and number == 1:
+                graph = self._capture(step)  # runs this step once, then records it
+            else:
+                step()
+            tokens[:, number] = current
+
+    def _capture(self, step) -> torch.cuda.CUDAGraph | None:
+        """Run one decode step on a side stream (the warm-up a capture needs: lazy handles and
+        workspaces), then record it on that stream. A step that cannot be captured decodes eagerly."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the encoding thread may pin memory meanwhile, which a global capture forbids
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                step()
+        except Exception as err:  # noqa: BLE001 - capture is an optimisation; eager decoding is correct
+            log.warning("decoding without CUDA graphs: the step could not be captured (%s: %s)",
+                        type(err).__name__, err)
+            self.cuda_graphs = False
+            return None
+        return graph
