@@ -1,6 +1,7 @@
 """GPU throughput of the worker's engine against the seed's way, side by side, on one card.
 
-    python bench/gpu_throughput.py --processor DIR [--out DIR] [--seed-sample 4] [--skip-load]
+    python bench/gpu_throughput.py --processor DIR [--out DIR] [--seed-sample 4] [--total-gib 79.6]
+                                   [--cuda-graphs off,on]
 
 A random-weight Qwen3-VL-8B with the real dimensions (../shared/notes/qwen3vl-offline.md), bf16 on the
 GPU, saved to local disk and loaded back through the engine (from_pretrained, timed against reading
@@ -11,7 +12,8 @@ Workload: 64 tasks, 16 of each RealHiTBench shape: text ~3K tokens, text ~16K, i
 question, image + ~3K text; exactly 128 new tokens each (min_new_tokens, greedy), so random weights
 cannot stop early. The seed's way (one task at a time, batch 1, HF generate) runs on every
 ``--seed-sample``-th task (the same mix; the whole 64 would take ~8 minutes at b1); the engine runs all
-64 (length-bucketed batches under a memory budget, the next batch encoded while the GPU works).
+64 as the worker does (packed batches planned for a ``--total-gib`` card, the next batch encoded while
+the GPU works), with and without CUDA graphs for decoding.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import torch
 from PIL import Image
 
 from hpc_rerun.benchmark import Task
-from hpc_rerun.engine import Engine, Request, default_batch_tokens, fit_image, plan_batches
+from hpc_rerun.engine import Engine, Request, fit_image
 from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text
 
 NEW_TOKENS = 128
+BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H200s (../shared/notes/gpu-baseline.md)
 
 
 def real_8b_config(processor_dir: Path):
@@ -127,28 +130,67 @@ def workload(engine: Engine, rng: random.Random) -> list[tuple[str, Request]]:
     return requests
 
 
-def run_seed_way(engine: Engine, requests: list[Request]) -> float:
+def seed_way(engine: Engine, request: Request) -> list[int]:
+    """The seed's way: the processor and HF generate, one task at a time (the new token ids)."""
+    inputs = {k: v.to(engine.device) if hasattr(v, "to") else v for k, v in engine._process([request]).items()}
+    with torch.inference_mode():
+        out = engine.model.generate(**inputs, **request.generation)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def run_seed_way(engine: Engine, requests: list[Request]) -> tuple[float, list[list[int]]]:
     torch.cuda.synchronize()
     start = time.perf_counter()
+    answers = [seed_way(engine, request) for request in requests]
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, answers
+
+
+def run_engine(engine: Engine, requests: list[Request], total_gib: float, new_tokens: int | None = None
+               ) -> tuple[float, list[list[Request]], dict]:
+    """The worker's way over all requests (its planner, its pipeline); ``new_tokens=1`` times the
+    prefill alone. Returns seconds, the batches and each request's answer."""
+    if new_tokens is not None:
+        requests = [Request(r.text, r.image, dict(r.generation, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+                            r.prompt_tokens) for r in requests]
+    batches = engine.plan(requests, lambda r: r, total_gib=total_gib)
+    answers = {}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch, encoded in engine.pipelined(batches, lambda r: r):
+        answers.update(zip(map(id, batch), engine.generate_ids(encoded)))
+    torch.cuda.synchronize()
+    assert len(answers) == len(requests)
+    return time.perf_counter() - start, batches, answers
+
+
+def agreement(seed: list[list[int]], engine: list[list[int]]) -> dict:
+    """bf16 with random weights: near-ties flip tokens (and then everything after), so report how far
+    the token ids agree: identical sequences, same first token, mean common prefix."""
+    prefix = [len(os.path.commonprefix([a, b])) for a, b in zip(seed, engine)]
+    return {"identical": sum(a == b for a, b in zip(seed, engine)), "of": len(seed),
+            "same_first_token": sum(a[:1] == b[:1] for a, b in zip(seed, engine)),
+            "mean_common_prefix_tokens": round(statistics.mean(prefix), 1)}
+
+
+def text_3k_against_ceiling(engine: Engine, args, rng: random.Random, parameters: int) -> dict:
+    """The stretch goal's measure: the engine on text-3k tasks only, against the compute-bound ceiling
+    of ../shared/notes/gpu-baseline.md (2 x parameters x (prompt + new) FLOP per task at 790 TFLOP/s)."""
+    task = Task(1, "bench-table01", "Numerical Reasoning", "Calculation",
+                "What is the total employment of sector S7 over all years?", "0")
+    greedy = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+    requests = [Request(build_prompt_text(task, "text", "csv", table_of(engine.tokenizer, 3000, rng), DEFAULT_PROMPTS),
+                        None, greedy) for _ in range(args.ceiling_tasks)]
     for request in requests:
-        engine.generate([request])
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def run_engine(engine: Engine, requests: list[Request], batch_tokens: int, new_tokens: int = NEW_TOKENS
-               ) -> tuple[float, int]:
-    """The worker's way over all requests; ``new_tokens=1`` times the prefill alone."""
-    batches = plan_batches(requests, lambda r: r.prompt_tokens, batch_tokens)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    produced = 0
-    for batch, (inputs, generation) in engine.pipelined(batches, lambda r: r):
-        generation = dict(generation, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        produced += len(engine.generate_encoded((inputs, generation)))
-    torch.cuda.synchronize()
-    assert produced == len(requests)
-    return time.perf_counter() - start, len(batches)
+        request.prompt_tokens = engine.count_tokens(request)
+    engine.packed.cuda_graphs = True
+    seconds, batches, _ = run_engine(engine, requests, args.total_gib)
+    prompt = statistics.mean(r.prompt_tokens for r in requests)
+    ceiling = BF16_FLOPS / (2 * parameters * (prompt + NEW_TOKENS))
+    rate = len(requests) / seconds
+    return {"tasks": len(requests), "mean_prompt_tokens": round(prompt), "batches": [len(b) for b in batches],
+            "seconds": round(seconds, 1), "tasks_per_s": round(rate, 2), "ceiling_tasks_per_s": round(ceiling, 1),
+            "fraction_of_ceiling": round(rate / ceiling, 3)}
 
 
 def main() -> None:
@@ -157,9 +199,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3vl-8b-random"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--seed-sample", type=int, default=4, help="the seed's way runs every N-th task")
-    parser.add_argument("--batch-tokens", default="80gb",
-                        help="comma-separated padded-token budgets per batch to compare; 'default': the engine's "
-                             "for this card; '80gb': the engine's for an 80 GB card (the target's memory limit)")
+    parser.add_argument("--total-gib", type=float, default=79.6,
+                        help="plan batches for a card of this size (79.6: an 80 GB H100, the target's limit)")
+    parser.add_argument("--cuda-graphs", default="off,on", help="decode modes to compare: off, on or both")
+    parser.add_argument("--ceiling-tasks", type=int, default=64,
+                        help="text-3k tasks for the run against the compute-bound ceiling (0: skip)")
     args = parser.parse_args()
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "new_tokens": NEW_TOKENS}
@@ -172,37 +216,69 @@ def main() -> None:
     requests = workload(engine, rng)
     report["prompt_tokens"] = {kind: statistics.mean(r.prompt_tokens for k, r in requests if k == kind)
                                for kind in ("text-3k", "text-16k", "image", "image+text-3k")}
-    engine.generate([requests[0][1]])  # warm-up: kernels, allocator, cuBLAS handles
+    from hpc_rerun.packed import _flash_agrees
+
+    report["flash_varlen"] = _flash_agrees(engine.device, engine.model.dtype)
+    report["flash_schema"] = str(torch.ops.aten._flash_attention_forward.default._schema)
+    seed_way(engine, requests[0][1])  # warm-up: kernels, allocator, cuBLAS handles
     engine.generate([r for _, r in requests[:4]])
+    start = time.perf_counter()
+    engine.encode([r for _, r in requests])
+    report["encode_all_s"] = round(time.perf_counter() - start, 2)  # the processor's CPU work, for reference
     torch.cuda.reset_peak_memory_stats()
     sample = [r for _, r in requests[::args.seed_sample]]
-    seed_s = run_seed_way(engine, sample)
+    seed_s, seed_answers = run_seed_way(engine, sample)
     seed_peak = torch.cuda.max_memory_allocated() / 1024**3
     seed_rate = len(sample) / seed_s
     report["seed_way"] = {"tasks": len(sample), "seconds": round(seed_s, 1), "tasks_per_s": round(seed_rate, 3),
                           "peak_gib": round(seed_peak, 1)}
+    print(json.dumps(report, indent=2), flush=True)
     report["engine"] = []
-    named = {"default": default_batch_tokens(engine.device), "80gb": default_batch_tokens(engine.device, 79.6)}
-    budgets = [named[b] if b in named else int(b) for b in args.batch_tokens.split(",")]
-    for budget in budgets:
+    answers_by_mode = {}
+    for graphs in [g == "on" for g in args.cuda_graphs.split(",")]:
+        engine.packed.cuda_graphs = graphs
+        engine.generate([r for _, r in requests[:4]])  # warm-up of this mode
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        engine_s, n_batches = run_engine(engine, [r for _, r in requests], budget)
+        everything = [r for _, r in requests]
+        try:
+            engine_s, batches, answers = run_engine(engine, everything, args.total_gib)
+        except Exception as err:  # keep the run: report what failed and go on
+            report["engine"].append({"cuda_graphs": graphs, "error": f"{type(err).__name__}: {err}"})
+            print(json.dumps(report["engine"][-1]), flush=True)
+            continue
         engine_peak = torch.cuda.max_memory_allocated() / 1024**3
-        engine_rate = len(requests) / engine_s
-        prefill_s, _ = run_engine(engine, [r for _, r in requests], budget, new_tokens=1)
-        report["engine"].append({"batch_tokens": budget, "tasks": len(requests), "batches": n_batches,
-                                 "seconds": round(engine_s, 1), "prefill_only_s": round(prefill_s, 1),
-                                 "tasks_per_s": round(engine_rate, 3),
-                                 "peak_gib": round(engine_peak, 1), "speedup": round(engine_rate / seed_rate, 2)})
+        engine_rate = len(everything) / engine_s
+        answers_by_mode[engine.packed.cuda_graphs] = [answers[id(r)] for r in everything]
+        prefill_s, _, _ = run_engine(engine, everything, args.total_gib, new_tokens=1)
+        report["engine"].append({
+            "cuda_graphs": engine.packed.cuda_graphs, "memory_limit_gib": args.total_gib,
+            "batches": [len(b) for b in batches], "batch_tokens": [sum(r.prompt_tokens + NEW_TOKENS for r in b)
+                                                                   for b in batches],
+            "tasks": len(everything), "seconds": round(engine_s, 1), "prefill_only_s": round(prefill_s, 1),
+            "tasks_per_s": round(engine_rate, 3), "peak_gib": round(engine_peak, 1),
+            "speedup": round(engine_rate / seed_rate, 2),
+            "agreement_with_seed": agreement(seed_answers, [answers[id(r)] for r in sample])})
         print(json.dumps(report["engine"][-1]), flush=True)
+    if len(answers_by_mode) == 2:  # same kernels, replayed or launched one by one: the same tokens
+        report["cuda_graphs_equal_eager"] = answers_by_mode[True] == answers_by_mode[False]
+    if args.ceiling_tasks:
+        report["text_3k_ceiling"] = text_3k_against_ceiling(engine, args, rng, report["build"]["parameters"])
+        print(json.dumps(report["text_3k_ceiling"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_throughput.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"\n{report['card']}: seed's way {seed_rate:.3f} tasks/s; load {report['load']['load_over_read']}x read")
     for row in report["engine"]:
-        print(f"  engine, batch budget {row['batch_tokens']:>7} tokens: {row['tasks_per_s']:.3f} tasks/s, "
-              f"{row['speedup']}x, peak {row['peak_gib']} GiB")
+        if "error" in row:
+            print(f"  engine, CUDA graphs {row['cuda_graphs']}: {row['error']}")
+            continue
+        print(f"  engine, CUDA graphs {row['cuda_graphs']}: {row['tasks_per_s']:.3f} tasks/s, {row['speedup']}x, "
+              f"peak {row['peak_gib']} GiB, prefill alone {row['prefill_only_s']} of {row['seconds']} s")
+    if "text_3k_ceiling" in report:
+        row = report["text_3k_ceiling"]
+        print(f"  engine on {row['tasks']} text-3k tasks: {row['tasks_per_s']} tasks/s = "
+              f"{row['fraction_of_ceiling']:.0%} of the compute-bound ceiling ({row['ceiling_tasks_per_s']} tasks/s)")
 
 
 if __name__ == "__main__":
