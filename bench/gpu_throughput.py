@@ -193,6 +193,37 @@ def text_3k_against_ceiling(engine: Engine, args, rng: random.Random, parameters
             "fraction_of_ceiling": round(rate / ceiling, 3)}
 
 
+def compare_key_pieces(engine: Engine, requests: list[Request], args, seed_rate: float) -> list[dict]:
+    """The whole workload (CUDA graphs on) at other decode key-piece sizes than the default."""
+    from hpc_rerun import packed
+
+    default, rows = packed.KEY_PIECE, []
+    engine.packed.cuda_graphs = True
+    for size in [int(x) for x in args.key_pieces.split(",") if x and int(x) != default]:
+        packed.KEY_PIECE = size
+        seconds, _, _ = run_engine(engine, requests, args.total_gib)
+        rows.append({"key_piece": size, "seconds": round(seconds, 1), "speedup": round(len(requests) / seconds / seed_rate, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    packed.KEY_PIECE = default
+    return rows
+
+
+def profile_prefill(engine: Engine, requests: list[Request], args) -> None:
+    """Where the prefill's GPU time goes: torch.profiler over the whole workload at one new token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_engine(engine, requests, args.total_gib, new_tokens=1)
+    averages = prof.key_averages()
+    try:
+        table = averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    except (AttributeError, KeyError):  # older torch names it after CUDA
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_prefill.txt").write_text(table)
+    print(table[:6000], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processor", type=Path, required=True, help="a tiny model folder (its processor is used)")
@@ -202,6 +233,8 @@ def main() -> None:
     parser.add_argument("--total-gib", type=float, default=79.6,
                         help="plan batches for a card of this size (79.6: an 80 GB H100, the target's limit)")
     parser.add_argument("--cuda-graphs", default="off,on", help="decode modes to compare: off, on or both")
+    parser.add_argument("--key-pieces", default="", help="other decode key-piece sizes to time, e.g. 1024,4096")
+    parser.add_argument("--profile", action="store_true", help="profile the prefill; table in profile_prefill.txt")
     parser.add_argument("--ceiling-tasks", type=int, default=64,
                         help="text-3k tasks for the run against the compute-bound ceiling (0: skip)")
     args = parser.parse_args()
@@ -262,6 +295,9 @@ def main() -> None:
         print(json.dumps(report["engine"][-1]), flush=True)
     if len(answers_by_mode) == 2:  # same kernels, replayed or launched one by one: the same tokens
         report["cuda_graphs_equal_eager"] = answers_by_mode[True] == answers_by_mode[False]
+    report["key_pieces"] = compare_key_pieces(engine, [r for _, r in requests], args, seed_rate)
+    if args.profile:
+        profile_prefill(engine, [r for _, r in requests], args)
     if args.ceiling_tasks:
         report["text_3k_ceiling"] = text_3k_against_ceiling(engine, args, rng, report["build"]["parameters"])
         print(json.dumps(report["text_3k_ceiling"]), flush=True)
