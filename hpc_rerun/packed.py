@@ -69,7 +69,9 @@ class Sampling:
 
         merged = copy.deepcopy(model_defaults) if model_defaults is not None else GenerationConfig()
         unknown = merged.update(**generation)
-        if unknown or set(merged.to_diff_dict()) - SUPPORTED_SETTINGS or merged.max_new_tokens is None:
+        needs_generate = sorted(set(unknown or ()) | (set(merged.to_diff_dict()) - SUPPORTED_SETTINGS))
+        if needs_generate or merged.max_new_tokens is None:
+            _say_fallback(tuple(needs_generate) or ("max_new_tokens unset",))
             return None
         defaults = GenerationConfig._get_default_generation_params()  # what generate() fills in when unset
 
@@ -108,6 +110,11 @@ class Sampling:
             drop[:, -1] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+@functools.cache
+def _say_fallback(settings: tuple[str, ...]) -> None:
+    log.warning("generation settings %s need HF generate: batches are padded (slower)", ", ".join(settings))
 
 
 @dataclass

@@ -281,12 +281,16 @@ def test_engine_plans_packed_batches_by_cache_tokens_and_padded_ones_by_padding(
     assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300], [400], [900]]
 
 
-def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement(engine_requests):
+def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement(engine_requests, caplog):
+    from hpc_rerun import packed
+
     engine, prompts = engine_requests
     penalised = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.3}
     requests = [Request(text, image, penalised) for text, image in prompts[:3]]
+    packed._say_fallback.cache_clear()
     encoded = engine.encode(requests)
     assert encoded.prompts is None and encoded.padded is not None
+    assert "repetition_penalty need HF generate" in caplog.text, "the slower path is named once"
     assert engine.generate_encoded(encoded) == [seed_way(engine, r, penalised) for r in requests]
 
 
