@@ -19,6 +19,7 @@ from .packed import PackedGenerator, Prompt, Sampling, fill, kv_bytes_per_token
 PATCH = 16  # Qwen3-VL vision patch size (qwen_vl_utils' default of 14 is Qwen2's)
 TOKEN_PIXELS = 32  # one visual token per 32x32 px after the 2x2 merge
 DEFAULT_MAX_PIXELS = 16384 * TOKEN_PIXELS**2  # the processor's own limit (~16.8M px)
+MAX_IMAGE_TOKENS = DEFAULT_MAX_PIXELS // TOKEN_PIXELS**2
 DEFAULT_MIN_PIXELS = 4 * TOKEN_PIXELS**2
 # Measured (docs/performance.md, ../shared/notes/gpu-baseline.md): 200K prompt tokens fit in 80 GB
 # beside the 8B weights (16.3 GiB); the budget scales with the memory left after the weights.
@@ -59,7 +60,8 @@ def plan_batches(items: list[T], tokens: Callable[[T], int], batch_tokens: int, 
 
 
 def default_token_budget(device: torch.device) -> int:
-    """Prompt tokens one task may have on this device before it is truncated."""
+    """Prompt tokens one task may have before it is truncated, for HF generate (padded batches, whole
+    prompts) and CPUs; the packed engine computes its own (Engine.token_budget)."""
     if device.type != "cuda":
         return 32_768  # CPU runs are for tiny models and tests: long prompts would take hours
     total_gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
@@ -151,12 +153,25 @@ class Engine:
             return default_batch_tokens(self.device, total_gib), True
         if self.device.type != "cuda":
             return CPU_PACKED_TOKENS, False
+        return max(self._cache_tokens(total_gib, longest_prompt), 8192), False
+
+    def _cache_tokens(self, total_gib: float | None, longest_prompt: int) -> int:
+        """K/V cache tokens that fit in 90% of the card beside the weights and the activations of the
+        largest prefill pass (``prefill_tokens``, or more when a piece is stretched to hold an image)."""
         if total_gib is None:
             total_gib = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
         weights = torch.cuda.memory_allocated(self.device)
-        activations = ACTIVATION_BYTES_PER_TOKEN * max(self.packed.prefill_tokens, longest_prompt)
-        free = 0.90 * total_gib * 1024**3 - weights - activations
-        return max(int(free // kv_bytes_per_token(self.model.config.text_config, self.model.dtype)), 8192), False
+        largest_pass = max(self.packed.prefill_tokens, min(longest_prompt, self.packed.prefill_tokens + MAX_IMAGE_TOKENS))
+        free = 0.90 * total_gib * 1024**3 - weights - ACTIVATION_BYTES_PER_TOKEN * largest_pass
+        return int(free // kv_bytes_per_token(self.model.config.text_config, self.model.dtype))
+
+    def token_budget(self, generation: dict, total_gib: float | None = None) -> int:
+        """Prompt tokens one task may have before it is truncated: what the packed engine holds alone
+        (long prompts are prefilled in pieces, so only the cache grows with the prompt)."""
+        sampling = self.sampling(generation)
+        if sampling is None or self.device.type != "cuda":
+            return default_token_budget(self.device)
+        return max(self._cache_tokens(total_gib, 1 << 62) - sampling.max_new_tokens, 1024)
 
     def plan(self, items: list[T], request_of: Callable[[T], Request], batch_tokens: int | None = None,
              total_gib: float | None = None) -> list[list[T]]:

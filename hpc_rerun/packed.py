@@ -26,7 +26,8 @@ ATTENTION = "hpc_rerun_packed"
 SUPPORTED_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens",
                       "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"}
 DONE_CHECK_EVERY = 8  # decode steps between host checks for "all finished" (each check syncs)
-KEY_PIECE = 2048  # keys per piece of decode attention (KeySplit)
+KEY_PIECE = 2048  # keys per piece of decode attention (KeySplit) ...
+MAX_KEY_PIECES = 64  # ... and at most this many pieces per sequence (longer pieces beyond 128K keys)
 
 
 @dataclass
@@ -172,13 +173,15 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    """Once per process: the varlen kernel on this torch build against the SDPA loop, on a prefill and
-    a decode over pool regions that do not start at 0. A build without it (or with a different
-    causal alignment) falls back to the loop with a warning instead of giving wrong answers."""
+    """Once per process: the varlen kernel on this torch build against the SDPA loop, on a prefill (a
+    whole prompt and a later piece of one: causal masks aligned to the last key) and a decode over key
+    pieces, in pool regions that do not start at 0. A build without the kernel (or with another
+    alignment) falls back to the loop with a warning instead of giving wrong answers."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
         pool = torch.randn(2, 64, 2, 128, generator=gen, device=device, dtype=dtype)
-        for decode, lengths, used in ((False, [5, 9], [5, 9]), (True, [1, 1], [7, 30])):
+        # prefill: a whole prompt, and a later piece whose 4 queries are the last of 12 keys
+        for decode, lengths, used in ((False, [5, 4], [5, 12]), (True, [1, 1], [7, 30])):
             cu = [0, lengths[0], sum(lengths)]
             starts = [3, 20, 64]
             device_starts = torch.tensor(starts, dtype=torch.int32, device=device)
@@ -310,9 +313,37 @@ def fill(items: list, size, budget: int, padded: bool = False, most: int | None 
     return groups
 
 
-def prefill_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
-    """Consecutive prompts, whole, up to ``chunk_tokens`` per forward pass (a longer prompt goes alone)."""
-    return fill(list(range(len(lengths))), lengths.__getitem__, chunk_tokens)
+@dataclass
+class Piece:
+    """Tokens ``begin:end`` of prompt ``index``, prefilled in one pass (a long prompt takes several)."""
+
+    index: int
+    begin: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.begin
+
+
+def prompt_pieces(index: int, length: int, piece_tokens: int, image_span: tuple[int, int] | None) -> list[Piece]:
+    """Cut a prompt into pieces of at most ``piece_tokens``, never inside its image's tokens (the
+    vision tower's output goes in whole): a piece that would end inside the image ends after it."""
+    pieces, begin = [], 0
+    while begin < length:
+        end = min(begin + piece_tokens, length)
+        if image_span is not None and image_span[0] < end < image_span[1]:
+            end = image_span[1]
+        pieces.append(Piece(index, begin, end))
+        begin = end
+    return pieces
+
+
+def prefill_passes(lengths: list[int], image_spans: list, pass_tokens: int) -> list[list[Piece]]:
+    """Prompts in order, long ones in pieces, packed into forward passes of about ``pass_tokens``."""
+    pieces = [piece for index, (length, span) in enumerate(zip(lengths, image_spans))
+              for piece in prompt_pieces(index, length, pass_tokens, span)]
+    return fill(pieces, lambda piece: piece.tokens, pass_tokens)
 
 
 class PackedGenerator:
@@ -348,9 +379,13 @@ class PackedGenerator:
         shape[2] = starts[-1]
         pool = torch.empty(shape, dtype=self.dtype, device=device)
         tokens = torch.full((n, sampling.max_new_tokens), sampling.pad_token_id, dtype=torch.long, device=device)
+        spans = [self.image_span(p) for p in prompts]
         with packed_attention_for(self.text_config):
-            for chunk in prefill_chunks(lengths, self.prefill_tokens):
-                tokens[chunk, 0] = self._prefill(prompts, chunk, starts, pool, sampling)
+            for pieces in prefill_passes(lengths, spans, self.prefill_tokens):
+                finished = [piece.index for piece in pieces if piece.end == lengths[piece.index]]
+                first = self._prefill(prompts, spans, pieces, finished, starts, pool, sampling)
+                if finished:
+                    tokens[finished, 0] = first
             self._decode(prompts, lengths, starts, pool, tokens, sampling)
         rows = tokens.tolist()
         eos = set(sampling.eos_token_ids)
@@ -360,30 +395,43 @@ class PackedGenerator:
             out.append(row[:end])
         return out
 
-    def _prefill(self, prompts, chunk, starts, pool, sampling) -> torch.Tensor:
+    def image_span(self, prompt: Prompt) -> tuple[int, int] | None:
+        """Where the image's tokens are in the prompt (one image per prompt at most)."""
+        if prompt.pixel_values is None:
+            return None
+        where = (prompt.input_ids == self.model.config.image_token_id).nonzero()
+        return int(where[0]), int(where[-1]) + 1
+
+    def _prefill(self, prompts, spans, pieces: list[Piece], finished: list[int], starts, pool, sampling
+                 ) -> torch.Tensor | None:
+        """One forward pass over ``pieces``; the first new token of each ``finished`` prompt (those
+        whose last piece this is), None when there are none."""
         device = self.device
-        lengths = [prompts[i].length for i in chunk]
         cu = [0]
-        for length in lengths:
-            cu.append(cu[-1] + length)
-        region = [starts[i] for i in chunk] + [starts[chunk[-1] + 1]]
-        slots = torch.cat([torch.arange(starts[i], starts[i] + prompts[i].length) for i in chunk])
+        for piece in pieces:
+            cu.append(cu[-1] + piece.tokens)
+        region = [starts[piece.index] for piece in pieces]
+        region.append(region[-1] + pieces[-1].end)
+        used = [piece.end for piece in pieces]  # keys: the earlier pieces' and this one's
+        slots = torch.cat([torch.arange(starts[p.index] + p.begin, starts[p.index] + p.end) for p in pieces])
         layout = Layout(
             pool=pool, slots=slots.to(device, non_blocking=True),
             cu_q=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
             starts=torch.tensor(region, dtype=torch.int32).to(device, non_blocking=True),
-            used=torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True),
-            max_q=max(lengths), max_k=max(lengths), host_cu_q=cu, host_starts=region, host_used=lengths)
-        ids = torch.cat([prompts[i].input_ids for i in chunk]).to(device, non_blocking=True)
-        positions = torch.cat([prompts[i].positions for i in chunk], dim=1).to(device, non_blocking=True)
-        with_image = [prompts[i] for i in chunk if prompts[i].pixel_values is not None]
+            used=torch.tensor(used, dtype=torch.int32).to(device, non_blocking=True),
+            max_q=max(p.tokens for p in pieces), max_k=max(used), host_cu_q=cu, host_starts=region,
+            host_used=used)
+        ids = torch.cat([prompts[p.index].input_ids[p.begin:p.end] for p in pieces]).to(device, non_blocking=True)
+        positions = torch.cat([prompts[p.index].positions[:, p.begin:p.end] for p in pieces], dim=1)
+        with_image = [prompts[p.index] for p in pieces if spans[p.index] and p.begin <= spans[p.index][0] < p.end]
         pixels = grid = None
         if with_image:
             pixels = torch.cat([p.pixel_values for p in with_image]).to(device, non_blocking=True)
             grid = torch.cat([p.image_grid_thw for p in with_image]).to(device, non_blocking=True)
-        last = torch.tensor(cu[1:], dtype=torch.long).sub_(1).to(device, non_blocking=True)
-        logits = self._forward(ids, positions, layout, last, pixels, grid)
-        return sampling.pick(logits, torch.zeros((), dtype=torch.long, device=device))
+        last = [end - 1 for piece, end in zip(pieces, cu[1:]) if piece.end == prompts[piece.index].length]
+        keep = torch.tensor(last or [cu[-1] - 1], dtype=torch.long).to(device, non_blocking=True)
+        logits = self._forward(ids, positions.to(device, non_blocking=True), layout, keep, pixels, grid)
+        return sampling.pick(logits, torch.zeros((), dtype=torch.long, device=device)) if finished else None
 
     def _decode(self, prompts, lengths, starts, pool, tokens, sampling) -> None:
         """One token per sequence per step, all in place on device tensors; greedy decoding on a GPU
@@ -403,7 +451,8 @@ class PackedGenerator:
         max_k = max(lengths) + sampling.max_new_tokens
         layout = Layout(pool=pool, slots=slots, cu_q=torch.arange(n + 1, dtype=torch.int32, device=device),
                         starts=region, used=used, max_q=1, max_k=max_k, host_cu_q=list(range(n + 1)),
-                        host_starts=starts, host_used=None, split=KeySplit(region[:-1], max_k, KEY_PIECE, starts[-1]))
+                        host_starts=starts, host_used=None,
+                        split=KeySplit(region[:-1], max_k, max(KEY_PIECE, -(-max_k // MAX_KEY_PIECES)), starts[-1]))
 
         def step() -> None:
             torch.add(region[:-1], length, out=slots)

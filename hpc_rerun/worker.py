@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
-from .engine import DEFAULT_MAX_PIXELS, Engine, Request, default_token_budget, fit_image
+from .engine import DEFAULT_MAX_PIXELS, Engine, Request, fit_image
 from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
 from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
 from .shards import RecordWriter, ShardSpec, read_records, records_path
@@ -206,7 +206,7 @@ class ShardRunner:
             if inputs:
                 self.engine = Engine(self.spec.model, self.spec.dtype)
                 self.gpu = self.engine.device_name
-                budget = self.spec.token_budget or default_token_budget(self.engine.device)
+                budget = self.spec.token_budget or self.engine.token_budget(self.generation)
                 prompt_sets = {}
                 ready = []
                 for ti in inputs:

@@ -241,14 +241,17 @@ def engine_requests(tiny_model_dir, data_root):
 
 
 def test_engine_packed_batch_equals_one_by_one_in_fp32_greedy(engine_requests):
-    """Packed prompts, one K/V pool, per-sequence attention: the same tokens as the seed's way."""
+    """Packed prompts, one K/V pool, per-sequence attention: the same tokens as the seed's way,
+    whole prompts or long ones prefilled in pieces."""
     engine, prompts = engine_requests
     greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
     requests = [Request(text, image, greedy) for text, image in prompts]
     assert engine.encode(requests).prompts is not None, "greedy settings take the packed path"
     expected = [seed_way(engine, r, greedy) for r in requests]
     assert engine.generate(requests) == expected
-    engine.packed.prefill_tokens = 1  # every prompt its own prefill pass
+    # Passes of 37 tokens: every prompt in pieces, each attending to the cache of its earlier pieces,
+    # the image's 300 tokens kept in one piece.
+    engine.packed.prefill_tokens = 37
     assert engine.generate(requests[::-1]) == expected[::-1]
 
 
