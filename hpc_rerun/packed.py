@@ -2,8 +2,8 @@
 
 Why: a left-padded batch pays for its padding in every matrix product, forces a masked attention
 kernel (no flash), and HF's DynamicCache copies the whole cache at every step (docs/performance.md).
-Here each sequence owns a contiguous region of one preallocated K/V pool: prefill packs whole prompts
-into one row, decode sends one token per sequence, and attention reads each region in place
+Here each sequence owns a contiguous region of one preallocated K/V pool: prefill packs prompts into
+one row (long ones in pieces), decode sends one token per sequence, and attention reads each region in place
 (flash-attention's varlen kernel on a GPU, a per-sequence SDPA loop elsewhere). The model's own
 modules do everything else; only the attention function is swapped, for the duration of a call.
 """
@@ -347,7 +347,7 @@ def prefill_passes(lengths: list[int], image_spans: list, pass_tokens: int) -> l
 
 
 class PackedGenerator:
-    """Prefill in packed chunks, then decode every sequence together, one token each per step."""
+    """Prefill in packed passes, then decode every sequence together, one token each per step."""
 
     def __init__(self, model, prefill_tokens: int, cuda_graphs: bool = True):
         register()
