@@ -29,10 +29,10 @@ class Capturing(Sampling):
 
     first_logits = None
 
-    def pick(self, logits, produced):
+    def pick(self, logits, produced, seen=None):
         if self.first_logits is None:
             self.first_logits = logits.float().cpu()
-        return super().pick(logits, produced)
+        return super().pick(logits, produced, seen)
 
 
 def random_prompt(tokens: int, seed: int) -> Prompt:

@@ -22,9 +22,15 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ATTENTION = "hpc_rerun_packed"
-# Generation settings the packed loop implements; anything else goes through HF generate.
-SUPPORTED_SETTINGS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens",
-                      "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"}
+# Generation settings the packed loop implements, as HF generate applies them.
+IMPLEMENTED = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+               "min_new_tokens"}
+# Settings that never change which tokens come out: ids the loop reads, HF's own cache, what generate returns.
+NO_EFFECT = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+             "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+             "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+             "low_memory", "max_length", "prefill_chunk_size"}
+BEAM_ONLY = {"length_penalty", "early_stopping"}  # shape beam scores; nothing with one beam
 DONE_CHECK_EVERY = 8  # decode steps between host checks for "all finished" (each check syncs)
 KEY_PIECE = 2048  # keys per piece of decode attention (KeySplit) ...
 MAX_KEY_PIECES = 64  # ... and at most this many pieces per sequence (longer pieces beyond 128K keys)
@@ -60,39 +66,71 @@ class Sampling:
     top_p: float
     eos_token_ids: list[int]
     pad_token_id: int
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
     _eos: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, model_defaults, generation: dict) -> Sampling | None:
         """Merge like HF generate does (the model's generation_config, then the call's settings); None
-        when the result needs something only HF generate does (beams, penalties, ...)."""
+        when the result needs something only HF generate does (beams, n-gram bans, ...).
+
+        A setting at its no-op value (``repetition_penalty`` 1.0, as Qwen3-VL ships it; one beam) is no
+        reason to leave the packed loop: only settings that change the tokens count."""
         from transformers import GenerationConfig
 
         merged = copy.deepcopy(model_defaults) if model_defaults is not None else GenerationConfig()
         unknown = merged.update(**generation)
-        needs_generate = sorted(set(unknown or ()) | (set(merged.to_diff_dict()) - SUPPORTED_SETTINGS))
-        if needs_generate or merged.max_new_tokens is None:
-            _say_fallback(tuple(needs_generate) or ("max_new_tokens unset",))
-            return None
         defaults = GenerationConfig._get_default_generation_params()  # what generate() fills in when unset
 
         def setting(name):
-            value = getattr(merged, name)
+            value = getattr(merged, name, None)
             return defaults.get(name) if value is None else value
 
+        def changes_tokens(name) -> bool:
+            if name in IMPLEMENTED or name in NO_EFFECT or (name in BEAM_ONLY and setting("num_beams") == 1):
+                return False
+            value = getattr(merged, name, None)
+            return value is not None and value != defaults.get(name)
+
+        needs_generate = sorted(set(unknown or ()) | {k for k in merged.to_diff_dict() if changes_tokens(k)})
+        if needs_generate or merged.max_new_tokens is None:
+            _say_fallback(tuple(needs_generate) or ("max_new_tokens unset",))
+            return None
         eos = merged.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = merged.pad_token_id if merged.pad_token_id is not None else (eos[0] if eos else 0)
         return cls(max_new_tokens=int(merged.max_new_tokens), min_new_tokens=int(merged.min_new_tokens or 0),
                    do_sample=bool(setting("do_sample")), temperature=float(setting("temperature")),
                    top_k=int(setting("top_k") or 0), top_p=float(setting("top_p")),
-                   eos_token_ids=eos, pad_token_id=pad)
+                   eos_token_ids=eos, pad_token_id=pad, min_p=merged.min_p,
+                   repetition_penalty=float(setting("repetition_penalty")))
 
-    def pick(self, logits: torch.Tensor, produced: torch.Tensor) -> torch.Tensor:
-        """Next token per row, as HF's greedy/sampling would choose it (processors, then warpers).
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0
 
-        ``produced`` (tokens generated so far) is a device tensor, so a CUDA graph can replay this."""
+    def seen_tokens(self, prompts: list[Prompt], vocab_size: int, device) -> torch.Tensor | None:
+        """[n, vocab] True where a sequence's ids (prompt, then generated) hold the token: what
+        ``repetition_penalty`` applies to, as HF does over the whole input_ids. None without a penalty."""
+        if not self.penalised:
+            return None
+        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+        rows = torch.cat([torch.full((p.length,), i, dtype=torch.long) for i, p in enumerate(prompts)])
+        ids = torch.cat([p.input_ids for p in prompts])
+        seen[rows.to(device), ids.to(device)] = True
+        return seen
+
+    def pick(self, logits: torch.Tensor, produced: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token per row, as HF's greedy/sampling would choose it: its logits processors in its
+        order (repetition penalty, min_new_tokens), then its warpers (temperature, top-k, top-p, min-p).
+
+        ``produced`` (tokens generated so far) and ``seen`` are device tensors, so a CUDA graph can
+        replay this."""
         logits = logits.float()
+        if seen is not None:
+            logits = torch.where(seen, torch.where(logits < 0, logits * self.repetition_penalty,
+                                                   logits / self.repetition_penalty), logits)
         if self.min_new_tokens and self.eos_token_ids:
             if self._eos is None:  # made once, at prefill: a CUDA graph cannot copy from the host
                 self._eos = torch.tensor(self.eos_token_ids, device=logits.device)
@@ -100,7 +138,8 @@ class Sampling:
             logits[:, eos] = torch.where(produced < self.min_new_tokens, float("-inf"), logits[:, eos])
         if not self.do_sample:
             return logits.argmax(-1)
-        logits = logits / self.temperature
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         if self.top_k:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -110,6 +149,11 @@ class Sampling:
             drop = cumulative <= 1 - self.top_p
             drop[:, -1] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        if self.min_p is not None:
+            probs = logits.softmax(-1)
+            drop = probs < self.min_p * probs.amax(-1, keepdim=True)
+            drop.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+            logits = logits.masked_fill(drop, float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
@@ -380,13 +424,16 @@ class PackedGenerator:
         pool = torch.empty(shape, dtype=self.dtype, device=device)
         tokens = torch.full((n, sampling.max_new_tokens), sampling.pad_token_id, dtype=torch.long, device=device)
         spans = [self.image_span(p) for p in prompts]
+        seen = sampling.seen_tokens(prompts, self.text_config.vocab_size, device)
         with packed_attention_for(self.text_config):
             for pieces in prefill_passes(lengths, spans, self.prefill_tokens):
                 finished = [piece.index for piece in pieces if piece.end == lengths[piece.index]]
-                first = self._prefill(prompts, spans, pieces, finished, starts, pool, sampling)
+                first = self._prefill(prompts, spans, pieces, finished, starts, pool, sampling, seen)
                 if finished:
                     tokens[finished, 0] = first
-            self._decode(prompts, lengths, starts, pool, tokens, sampling)
+                    if seen is not None:
+                        seen[finished, first] = True
+            self._decode(prompts, lengths, starts, pool, tokens, sampling, seen)
         rows = tokens.tolist()
         eos = set(sampling.eos_token_ids)
         out = []
@@ -402,7 +449,7 @@ class PackedGenerator:
         where = (prompt.input_ids == self.model.config.image_token_id).nonzero()
         return int(where[0]), int(where[-1]) + 1
 
-    def _prefill(self, prompts, spans, pieces: list[Piece], finished: list[int], starts, pool, sampling
+    def _prefill(self, prompts, spans, pieces: list[Piece], finished: list[int], starts, pool, sampling, seen
                  ) -> torch.Tensor | None:
         """One forward pass over ``pieces``; the first new token of each ``finished`` prompt (those
         whose last piece this is), None when there are none."""
@@ -431,9 +478,12 @@ class PackedGenerator:
         last = [end - 1 for piece, end in zip(pieces, cu[1:]) if piece.end == prompts[piece.index].length]
         keep = torch.tensor(last or [cu[-1] - 1], dtype=torch.long).to(device, non_blocking=True)
         logits = self._forward(ids, positions.to(device, non_blocking=True), layout, keep, pixels, grid)
-        return sampling.pick(logits, torch.zeros((), dtype=torch.long, device=device)) if finished else None
+        if not finished:
+            return None
+        return sampling.pick(logits, torch.zeros((), dtype=torch.long, device=device),
+                             None if seen is None else seen[finished])
 
-    def _decode(self, prompts, lengths, starts, pool, tokens, sampling) -> None:
+    def _decode(self, prompts, lengths, starts, pool, tokens, sampling, seen) -> None:
         """One token per sequence per step, all in place on device tensors; greedy decoding on a GPU
         replays the step as a CUDA graph (one launch instead of some 700 kernels from Python)."""
         device, n = self.device, len(prompts)
@@ -461,7 +511,9 @@ class PackedGenerator:
             torch.where(done, one, length, out=used)
             layout.split.update(used)
             logits = self._forward(current, position.expand(3, n), layout, 0)
-            torch.where(done, pad, sampling.pick(logits, produced), out=current)
+            torch.where(done, pad, sampling.pick(logits, produced, seen), out=current)
+            if seen is not None:
+                seen.scatter_(1, current[:, None], True)
             done.logical_or_(torch.isin(current, eos))
             position.add_(1)
             produced.add_(1)

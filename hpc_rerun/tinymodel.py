@@ -166,12 +166,14 @@ def build_tiny_qwen3vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 512
     model = Qwen3VLForConditionalGeneration(config).eval()
     if answer is not None:
         make_it_answer(model, tokenizer, answer)
-    # Qwen3-VL-8B-Instruct's generation settings (sampling on), with the tiny tokenizer's ids.
+    # Qwen3-VL-8B-Instruct's generation_config.json (sampling on, repetition_penalty 1.0: no penalty,
+    # but present), with the tiny tokenizer's ids.
     model.generation_config = GenerationConfig(
         do_sample=True,
         temperature=0.7,
         top_p=0.8,
         top_k=20,
+        repetition_penalty=1.0,
         bos_token_id=ids("<|endoftext|>"),
         eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],
         pad_token_id=ids("<|endoftext|>"),

@@ -278,8 +278,8 @@ def test_engine_plans_packed_batches_by_cache_tokens_and_padded_ones_by_padding(
     # packed: prompt + 100 new tokens each, summed: 200 + 400 + 500 = 1100 fit, 1000 more do not
     batches = engine.plan(requests, lambda r: r, batch_tokens=1100)
     assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300, 400], [900]]
-    penalised = dict(greedy, repetition_penalty=1.3)  # HF generate: rows padded, 3 x 400 > 1100
-    requests = [Request("x", None, penalised, prompt_tokens=n) for n in (900, 100, 400, 300)]
+    banned = dict(greedy, no_repeat_ngram_size=3)  # HF generate: rows padded, 3 x 400 > 1100
+    requests = [Request("x", None, banned, prompt_tokens=n) for n in (900, 100, 400, 300)]
     batches = engine.plan(requests, lambda r: r, batch_tokens=1100)
     assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300], [400], [900]]
 
@@ -288,13 +288,13 @@ def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement
     from hpc_rerun import packed
 
     engine, prompts = engine_requests
-    penalised = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.3}
-    requests = [Request(text, image, penalised) for text, image in prompts[:3]]
+    banned = {"do_sample": False, "max_new_tokens": 8, "no_repeat_ngram_size": 2}
+    requests = [Request(text, image, banned) for text, image in prompts[:3]]
     packed._say_fallback.cache_clear()
     encoded = engine.encode(requests)
     assert encoded.prompts is None and encoded.padded is not None
-    assert "repetition_penalty need HF generate" in caplog.text, "the slower path is named once"
-    assert engine.generate_encoded(encoded) == [seed_way(engine, r, penalised) for r in requests]
+    assert "no_repeat_ngram_size need HF generate" in caplog.text, "the slower path is named once"
+    assert engine.generate_encoded(encoded) == [seed_way(engine, r, banned) for r in requests]
 
 
 def test_engine_sampling_follows_the_warpers(engine_requests):
