@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
@@ -14,7 +15,8 @@ from typing import Callable, Iterator, TypeVar
 import torch
 from PIL import Image
 
-from .packed import PackedGenerator, Prompt, Sampling, fill, kv_bytes_per_token
+from .packed import PackedGenerator, Prompt, Sampling, kv_bytes_per_token
+from .tables import TableCut, TokenizedTable
 
 PATCH = 16  # Qwen3-VL vision patch size (qwen_vl_utils' default of 14 is Qwen2's)
 TOKEN_PIXELS = 32  # one visual token per 32x32 px after the 2x2 merge
@@ -35,6 +37,17 @@ ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
 CPU_PREFILL_TOKENS = CPU_PACKED_TOKENS = 32768
 MAX_BATCH = 64
 MAX_PACKED_BATCH = 256
+LOOKAHEAD_PER_THREAD = 2  # prompts prepared ahead of the GPU, per preparing thread (bounds host memory)
+TABLE_SLOT = "\ue000table\ue000"  # where the table goes in a message (private-use characters)
+JOIN_SLACK = 4  # tokens the joins around a table may differ from the parts counted alone
+
+
+class PromptTooLong(ValueError):
+    """A prompt that cannot be brought within its token budget (an image, or the text around a table)."""
+
+    def __init__(self, full_tokens: int, budget: int):
+        super().__init__(f"{full_tokens} prompt tokens, budget {budget}")
+        self.full_tokens = full_tokens
 
 
 # Measured with Qwen3-VL-8B, bf16, 128 new tokens (docs/performance.md, H200, 2026-11-27): peak
@@ -50,13 +63,6 @@ def default_batch_tokens(device: torch.device, total_gib: float | None = None) -
     if total_gib is None:
         total_gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
     return max(8192, int((0.85 * total_gib - BATCH_BASE_GIB) / BATCH_GIB_PER_1K_TOKENS * 1000))
-
-
-def plan_batches(items: list[T], tokens: Callable[[T], int], batch_tokens: int, padded: bool = True
-                 ) -> list[list[T]]:
-    """Similar lengths together: sort by tokens, fill each batch up to ``batch_tokens``, counted padded
-    (every row as long as the longest) or packed (the sum)."""
-    return fill(sorted(items, key=tokens), tokens, batch_tokens, padded, MAX_BATCH if padded else MAX_PACKED_BATCH)
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -90,13 +96,16 @@ def fit_image(image: Image.Image, min_pixels: int | None, max_pixels: int | None
 
 @dataclass
 class Request:
-    """One prompt ready for the model: text, optional image already fitted, generation settings."""
+    """One prompt for the model: message text, optional image already fitted, generation settings, and
+    (once ``Engine.prepare`` has made it) its ids for the packed engine and how its table was cut."""
 
     text: str
     image: Image.Image | None
     generation: dict
     prompt_tokens: int = 0
     extras: dict = field(default_factory=dict)
+    prompt: Prompt | None = None
+    cut: TableCut | None = None
 
 
 @dataclass
@@ -165,24 +174,151 @@ class Engine:
         free = 0.90 * total_gib * 1024**3 - weights - ACTIVATION_BYTES_PER_TOKEN * largest_pass
         return int(free // kv_bytes_per_token(self.model.config.text_config, self.model.dtype))
 
-    def token_budget(self, generation: dict, total_gib: float | None = None) -> int:
-        """Prompt tokens one task may have before it is truncated: what the packed engine holds alone
-        (long prompts are prefilled in pieces, so only the cache grows with the prompt)."""
+    def token_budget(self, generation: dict, total_gib: float | None = None, requested: int | None = None) -> int:
+        """Prompt tokens one task may have before it is truncated: ``requested`` (--token-budget) or what
+        the card holds for one prompt (the packed engine prefills long prompts in pieces, so only the
+        cache grows with the prompt), and never more than the model's context less the new tokens."""
         sampling = self.sampling(generation)
-        if sampling is None or self.device.type != "cuda":
-            return default_token_budget(self.device)
-        return max(self._cache_tokens(total_gib, 1 << 62) - sampling.max_new_tokens, 1024)
+        if requested:
+            card = requested
+        elif sampling is None or self.device.type != "cuda":
+            card = default_token_budget(self.device)
+        else:
+            card = max(self._cache_tokens(total_gib, 1 << 62) - sampling.max_new_tokens, 1024)
+        return min(card, self.context_tokens - self.max_new_tokens(generation))
 
-    def plan(self, items: list[T], request_of: Callable[[T], Request], batch_tokens: int | None = None,
-             total_gib: float | None = None) -> list[list[T]]:
-        """Batches that fit the device: packed ones count prompt + new tokens, padded ones the padding."""
-        if not items:
-            return []
-        generation = request_of(items[0]).generation
-        budget, padded = self.batch_budget(generation, max(request_of(x).prompt_tokens for x in items), total_gib)
+    @property
+    def context_tokens(self) -> int:
+        """Positions the model has (Qwen3-VL-8B: 262,144)."""
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def max_new_tokens(self, generation: dict) -> int:
+        value = generation.get("max_new_tokens", self.model.generation_config.max_new_tokens)
+        return int(value or 0)
+
+    def stream_batches(self, items: list[T], prepare: Callable[[T], Request], failed: Callable[[T, Exception], None],
+                       generation: dict, batch_tokens: int | None = None, total_gib: float | None = None
+                       ) -> Iterator[list[T]]:
+        """Batches as their prompts become ready. ``prepare`` runs on the encoding threads, a few items
+        ahead and in the items' order, while the caller runs the batch before on the GPU; a batch closes
+        when the next prompt would not fit it (prompt + new tokens of the cache budget, or padded rows
+        for HF generate). An item whose prompt cannot be made goes to ``failed`` and the rest go on."""
+        budget, padded = self.batch_budget(generation, self.token_budget(generation, total_gib), total_gib)
+        budget = batch_tokens or budget
         new_tokens = 0 if padded else self.sampling(generation).max_new_tokens
-        return plan_batches(items, lambda x: request_of(x).prompt_tokens + new_tokens, batch_tokens or budget,
-                            padded=padded)
+        most = MAX_BATCH if padded else MAX_PACKED_BATCH
+        lookahead = LOOKAHEAD_PER_THREAD * self._encoders._max_workers
+        waiting, pending = deque(items), deque()
+
+        def top_up() -> None:
+            while waiting and len(pending) < lookahead:
+                item = waiting.popleft()
+                pending.append((item, self._encoders.submit(prepare, item)))
+
+        top_up()
+        batch, longest, total = [], 0, 0
+        while pending:
+            item, future = pending.popleft()
+            top_up()
+            try:
+                request = future.result()
+            except Exception as err:  # noqa: BLE001 - the item's own failure, reported by the caller
+                failed(item, err)
+                continue
+            tokens = request.prompt_tokens + new_tokens
+            cost = (len(batch) + 1) * max(longest, tokens) if padded else total + tokens
+            if batch and (cost > budget or len(batch) >= most):
+                yield batch
+                batch, longest, total = [], 0, 0
+            batch.append(item)
+            longest, total = max(longest, tokens), total + tokens
+        if batch:
+            yield batch
+
+    def prepare(self, text: str, image: Image.Image | None, generation: dict, budget: int,
+                table: TokenizedTable | None = None) -> Request:
+        """A request with its prompt ids made, within ``budget`` tokens. ``text`` holds ``TABLE_SLOT``
+        where ``table`` goes; the table is cut to fit (see tables.py) and its ids are composed from its
+        one tokenisation. Raises PromptTooLong when even the prompt around the table does not fit."""
+        if table is None or TABLE_SLOT not in text:
+            request = Request(text.replace(TABLE_SLOT, ""), image, generation)
+            request.prompt = self._prompt(request)
+            request.prompt_tokens = request.extras["full_tokens"] = request.prompt.length
+            if request.prompt_tokens > budget:
+                raise PromptTooLong(request.prompt_tokens, budget)
+            return request
+        rendered = self._render(Request(text, image, generation))
+        prefix, suffix = rendered.split(TABLE_SLOT)
+        image_inputs = self._image_inputs(image)
+        prefix = self._expand_image(prefix, image_inputs)
+        around = len(self._tokens(prefix)) + len(self._tokens(suffix))
+        full = around + table.tokens
+        room = budget - around - JOIN_SLACK
+        for _ in range(3):  # the joins can differ from the parts by a token or two: shrink and compose again
+            if room < 0:
+                break
+            cut = table.cut(room, lambda marker: len(self._tokens(marker)))
+            ids = self._compose(prefix, cut, suffix)
+            if len(ids) <= budget:
+                break
+            room -= len(ids) - budget
+        else:
+            raise PromptTooLong(full, budget)
+        if room < 0:
+            raise PromptTooLong(full, budget)
+        request = Request(text.replace(TABLE_SLOT, cut.text()), image, generation, prompt_tokens=len(ids),
+                          extras={"full_tokens": full}, cut=cut)
+        request.prompt = self._prompt_from_ids(ids, image_inputs)
+        return request
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, request: Request) -> str:
+        return self.processor.apply_chat_template(self._conversation(request), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _image_inputs(self, image: Image.Image | None) -> dict:
+        """The image processor's output for a fitted image (patches and grid), as the processor makes it."""
+        if image is None:
+            return {}
+        from qwen_vl_utils import process_vision_info
+
+        w, h = image.size
+        images, _ = process_vision_info([{"role": "user", "content": [
+            {"type": "image", "image": image, "resized_height": h, "resized_width": w}]}], image_patch_size=PATCH)
+        return dict(self.processor.image_processor(images=images, do_resize=False, return_tensors="pt"))
+
+    def _expand_image(self, text: str, image_inputs: dict) -> str:
+        """The image placeholder as the processor expands it: one pad token per merged patch."""
+        if not image_inputs:
+            return text
+        merge = self.processor.image_processor.merge_size ** 2
+        pad = self.processor.image_token
+        return text.replace(pad, pad * int(image_inputs["image_grid_thw"][0].prod() // merge), 1)
+
+    def _compose(self, prefix: str, cut: TableCut, suffix: str) -> list[int]:
+        """The prompt's ids: the table's own token runs as they are, everything between them (the prompt
+        around the table, markers, lines cut in two) tokenised where it joins."""
+        ids: list[int] = []
+        window: list[str] = []
+        for piece in [prefix, *cut.segments(), suffix]:
+            if isinstance(piece, str):
+                window.append(piece)
+                continue
+            ids += self._tokens("".join(window))
+            window = []
+            ids += cut.table.ids[piece[0]:piece[1]].tolist()
+        return ids + self._tokens("".join(window))
+
+    def _prompt_from_ids(self, ids: list[int], image_inputs: dict) -> Prompt:
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        token_types = (input_ids == self.processor.image_token_id).long()
+        grid = image_inputs.get("image_grid_thw")
+        positions, _ = self.model.model.get_rope_index(input_ids[None], token_types[None], image_grid_thw=grid)
+        pixels = image_inputs.get("pixel_values")
+        return Prompt(self._pinned(input_ids), self._pinned(positions[:, 0]),
+                      None if pixels is None else self._pinned(pixels), grid)
 
     def _conversation(self, request: Request) -> list[dict]:
         content = []
@@ -192,22 +328,11 @@ class Engine:
         content.append({"type": "text", "text": request.text})
         return [{"role": "user", "content": content}]
 
-    def count_tokens(self, request: Request) -> int:
-        """Prompt tokens: the chat-templated text plus one token per 32x32 px of the fitted image."""
-        text = self.processor.apply_chat_template(self._conversation(request), tokenize=False,
-                                                  add_generation_prompt=True)
-        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if request.image is not None:
-            w, h = request.image.size
-            tokens += (w // TOKEN_PIXELS) * (h // TOKEN_PIXELS) - 1  # the placeholder becomes these
-        return tokens
-
     def _process(self, requests: list[Request], **kwargs) -> dict:
         from qwen_vl_utils import process_vision_info
 
         conversations = [self._conversation(r) for r in requests]
-        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations]
+        texts = [self._render(r) for r in requests]
         images, _, video_kwargs = process_vision_info(
             conversations, image_patch_size=PATCH, return_video_kwargs=True, return_video_metadata=True)
         return self.processor(text=texts, images=images, videos=None, return_tensors="pt", do_resize=False,
@@ -224,7 +349,7 @@ class Engine:
             inputs = self._process(requests, padding=True, padding_side="left")
             inputs = {k: self._pinned(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             return Encoded(generation, int(inputs["attention_mask"].sum()), padded=inputs)
-        prompts = list(self._encoders.map(self._prompt, requests))
+        prompts = list(self._encoders.map(lambda r: r.prompt or self._prompt(r), requests))
         return Encoded(generation, sum(p.length for p in prompts), prompts=prompts, sampling=sampling)
 
     def _prompt(self, request: Request) -> Prompt:
@@ -252,19 +377,6 @@ class Engine:
     def generate(self, requests: list[Request]) -> list[str]:
         """One batch; all requests must share generation settings."""
         return self.generate_encoded(self.encode(requests))
-
-    def pipelined(self, batches: list[list[T]], request_of: Callable[[T], Request]) -> Iterator[tuple[list[T], Encoded]]:
-        """Yield each batch with its encoded inputs; the next batch is encoded on a CPU thread while
-        the GPU generates the current one."""
-        if not batches:
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(self.encode, [request_of(x) for x in batches[0]])
-            for number, batch in enumerate(batches):
-                encoded = future.result()
-                if number + 1 < len(batches):
-                    future = pool.submit(self.encode, [request_of(x) for x in batches[number + 1]])
-                yield batch, encoded
 
     def free_memory(self) -> None:
         if self.device.type == "cuda":

@@ -1,8 +1,9 @@
 """One array element = one shard: load the model once, answer every task, never lose work.
 
 Each task ends as exactly one record in the shard file, success or classified error. The worker
-resumes past what the file already holds (after SIGKILL, time limit or preemption), truncates prompts
-over the token budget the way the users' reruns did, walks an OOM ladder per task, and never lets one
+resumes past what the file already holds (after SIGKILL, time limit or preemption), reads and tokenises
+each table once, cuts prompts to the token budget (the users' rule, then inside lines: tables.py),
+prepares prompts on threads while the GPU works, walks an OOM ladder per task, and never lets one
 task's failure stop the shard.
 """
 
@@ -21,15 +22,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
-from .engine import DEFAULT_MAX_PIXELS, Engine, Request, fit_image
+from .engine import DEFAULT_MAX_PIXELS, TABLE_SLOT, Engine, PromptTooLong, Request, fit_image
 from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
 from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
 from .shards import RecordWriter, ShardSpec, read_records, records_path
+from .tables import TableCache, TableError, read_text
 
 log = logging.getLogger(__name__)
 
 OOM_RETRIES = 3
-TRUNCATE_KEEP, TRUNCATE_SHRINK, TRUNCATE_STEPS = 0.35, 0.8, 5
 SMALLEST_IMAGE_PIXELS = 4 * 32 * 32  # the processor's minimum: 4 visual tokens
 
 
@@ -46,13 +47,12 @@ class TaskFailure(Exception):
 class TaskInput:
     config: Config
     task: Task
-    table_text: str | None
+    table_path: str | None  # the table text file (text and mix); read and tokenised through the shard's cache
     image: Image.Image | None
     token_budget: int
     min_pixels: int | None
     max_pixels: int | None
     retries: int = 0
-    truncated_to: int | None = None
     prompts: PromptSet | None = None
     request: Request | None = None
 
@@ -67,13 +67,15 @@ def source_path(data_root: Path, relpath: str) -> Path:
     return Path(path)
 
 
-def load_input(config: Config, task: Task, data_root: Path, settings: dict, token_budget: int) -> TaskInput:
-    """Read the table text and image a task needs; missing or broken inputs never reach the model."""
+def load_input(config: Config, task: Task, data_root: Path, settings: dict, token_budget: int,
+               checked_tables: dict[str, str | None]) -> TaskInput:
+    """Open the image and check the table text a task needs (each table once: ``checked_tables`` maps a
+    path to its problem or None); missing or broken inputs never reach the model."""
     paths = {rel: source_path(data_root, rel) for rel in required_files(task, config)}
     for rel, path in paths.items():
         if not path.is_file():
             raise TaskFailure("missing_input", f"File not found: {path}")
-    table_text = image = None
+    table_path = image = None
     for rel, path in paths.items():
         if rel.startswith("image/"):
             try:
@@ -83,54 +85,37 @@ def load_input(config: Config, task: Task, data_root: Path, settings: dict, toke
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 raise TaskFailure("bad_input", f"Bad input: cannot decode image {path} ({err})") from None
         elif not rel.startswith("tables/"):
-            try:
-                table_text = path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise TaskFailure("bad_input", f"Bad input: {path} is not UTF-8 text ({err.reason} at byte "
-                                               f"{err.start})") from None
-    return TaskInput(config, task, table_text, image, token_budget,
+            table_path = str(path)
+            if table_path not in checked_tables:
+                try:
+                    read_text(path)
+                    checked_tables[table_path] = None
+                except TableError as err:
+                    checked_tables[table_path] = str(err)
+            if checked_tables[table_path]:
+                raise TaskFailure("bad_input", f"Bad input: {checked_tables[table_path]}")
+    return TaskInput(config, task, table_path, image, token_budget,
                      settings.get("min_pixels"), settings.get("max_pixels"))
 
 
-def truncate_table(text: str, keep: float) -> str:
-    """The first and last ``keep`` share of the table's lines, with the number of rows left out."""
-    lines = text.split("\n")
-    head = tail = int(len(lines) * keep)
-    omitted = len(lines) - head - tail
-    if omitted <= 0:
-        return text
-    return "\n".join(lines[:head]) + f"\n... [{omitted} rows omitted] ...\n" + "\n".join(lines[len(lines) - tail:])
-
-
-def prepare(engine: Engine, ti: TaskInput, generation: dict) -> Request:
-    """Build the request within the token budget: the fork's truncation, then give up as oom_text."""
+def prepare(engine: Engine, ti: TaskInput, generation: dict, tables: TableCache) -> Request:
+    """The request within the task's token budget (its table cut to fit), or a classified failure."""
     config, task = ti.config, ti.task
     image = fit_image(ti.image, ti.min_pixels, ti.max_pixels) if ti.image is not None else None
-
-    def build(table: str | None) -> Request:
-        text = build_prompt_text(task, config.modality, config.format, table, ti.prompts)
-        request = Request(text, image, generation)
-        request.prompt_tokens = engine.count_tokens(request)
-        return request
-
-    request = build(ti.table_text)
-    full_tokens = request.prompt_tokens
-    keep, steps = TRUNCATE_KEEP, 0
-    ti.truncated_to = None
-    while request.prompt_tokens > ti.token_budget and ti.table_text and config.modality != "image":
-        if steps > TRUNCATE_STEPS:
-            break
-        request = build(truncate_table(ti.table_text, keep))
-        ti.truncated_to = request.prompt_tokens
-        keep *= TRUNCATE_SHRINK
-        steps += 1
-    if request.prompt_tokens > ti.token_budget:
+    text = build_prompt_text(task, config.modality, config.format, TABLE_SLOT if ti.table_path else None, ti.prompts)
+    try:
+        table = tables.get(ti.table_path) if ti.table_path else None
+        ti.request = engine.prepare(text, image, generation, ti.token_budget, table)
+    except TableError as err:
+        raise TaskFailure("bad_input", f"Bad input: {err}") from None
+    except PromptTooLong as err:
         if config.modality == "image":
-            raise TaskFailure("oom_image", f"OOM: Image too large ({ti.image.size})")
-        raise TaskFailure("oom_text", f"OOM: Text too large ({full_tokens} tokens)")
-    request.extras["full_tokens"] = full_tokens
-    ti.request = request
-    return request
+            raise TaskFailure("oom_image", f"OOM: Image too large ({ti.image.size})") from None
+        raise TaskFailure("oom_text", f"OOM: Text too large ({err.full_tokens} tokens)") from None
+    finally:
+        if ti.table_path:
+            tables.release(ti.table_path)
+    return ti.request
 
 
 def error_metrics(task: Task) -> dict:
@@ -150,6 +135,7 @@ class ShardRunner:
         if greedy:
             self.generation = {"do_sample": False, "max_new_tokens": self.generation.get("max_new_tokens", 4096)}
         self.engine: Engine | None = None
+        self.tables: TableCache | None = None
         self.gpu = "cpu"
 
     def provenance(self, config: Config, started: float, error_class: str | None, ti: TaskInput | None = None) -> dict:
@@ -169,7 +155,9 @@ class ShardRunner:
             "start": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
             "end": dt.datetime.now().isoformat(timespec="seconds"),
             "prompt_tokens": request.extras.get("full_tokens") if request else None,
-            "truncated_to_tokens": ti.truncated_to if ti else None,
+            "prompt_budget": ti.token_budget if ti else None,
+            "truncated_to_tokens": request.prompt_tokens if request and request.cut and request.cut.rule else None,
+            "truncation": request.cut.record() if request and request.cut and request.cut.rule else None,
             "pixel_cap": (ti.max_pixels or DEFAULT_MAX_PIXELS) if request and request.image else None,
             "image_pixels": (request.image.size[0] * request.image.size[1]) if request and request.image else None,
             "retries": ti.retries if ti else 0,
@@ -206,32 +194,37 @@ class ShardRunner:
             if inputs:
                 self.engine = Engine(self.spec.model, self.spec.dtype)
                 self.gpu = self.engine.device_name
-                budget = self.spec.token_budget or self.engine.token_budget(self.generation)
+                self.tables = TableCache(self.engine.tokenizer)
+                # --token-budget or what the card holds, never past the model's context less the new tokens.
+                budget = self.engine.token_budget(self.generation, requested=self.spec.token_budget)
                 prompt_sets = {}
-                ready = []
                 for ti in inputs:
-                    ti.token_budget = min(ti.token_budget, budget) if ti.token_budget else budget
+                    ti.token_budget = min(ti.token_budget or budget, budget)
                     if ti.config.modality not in prompt_sets:
                         prompt_sets[ti.config.modality] = load_prompt_set(self.spec.prompts, ti.config.modality)
                     ti.prompts = prompt_sets[ti.config.modality]
-                    started = time.time()
-                    try:
-                        prepare(self.engine, ti, self.generation)
-                        ready.append(ti)
-                    except TaskFailure as failure:
-                        self.fail(writer, ti.config, ti.task, failure, started, ti)
-                    except Exception as err:  # one task's broken input never stops the shard
-                        log.exception("task %s/%s: preparing the prompt failed", ti.config.name, ti.task.id)
-                        self.fail(writer, ti.config, ti.task, TaskFailure("other", f"{type(err).__name__}: {err}"),
-                                  started, ti)
-                batches = self.engine.plan(ready, lambda ti: ti.request, self.spec.batch_tokens)
-                for batch, encoded in self.engine.pipelined(batches, lambda ti: ti.request):
-                    self.run_batch(batch, writer, encoded)
+                    if ti.table_path:
+                        self.tables.expect(ti.table_path)
+                # Tasks of one table together: its tokenisation serves them while it is cached.
+                inputs.sort(key=lambda ti: (ti.table_path or "", ti.config.name, ti.task.question_type, ti.task.id))
+                for batch in self.engine.stream_batches(inputs, self.prepare, lambda ti, err: self.not_prepared(
+                        writer, ti, err), self.generation, self.spec.batch_tokens):
+                    self.run_batch(batch, writer)
         summary["written"] = len(todo)
         return summary
 
+    def prepare(self, ti: TaskInput) -> Request:
+        return prepare(self.engine, ti, self.generation, self.tables)
+
+    def not_prepared(self, writer: RecordWriter, ti: TaskInput, err: Exception) -> None:
+        """A task whose prompt could not be made: a classified error record; the shard goes on."""
+        if not isinstance(err, TaskFailure):  # one task's broken input never stops the shard
+            log.error("task %s/%s: preparing the prompt failed", ti.config.name, ti.task.id, exc_info=err)
+            err = TaskFailure("other", f"{type(err).__name__}: {err}")
+        self.fail(writer, ti.config, ti.task, err, time.time(), ti)
+
     def load_inputs(self, todo: list[dict], tasks: dict[int, Task], writer: RecordWriter) -> list[TaskInput]:
-        inputs = []
+        inputs, checked_tables = [], {}
         for entry in todo:
             config, started = Config.parse(entry["config"]), time.time()
             task = tasks.get(entry["id"])
@@ -242,19 +235,17 @@ class ShardRunner:
             settings = {**self.spec.configs.get(config.name, {}),
                         **{k: entry[k] for k in ("min_pixels", "max_pixels") if k in entry}}
             try:
-                inputs.append(load_input(config, task, self.data_root, settings,
-                                         entry.get("token_budget") or self.spec.token_budget or 0))
+                inputs.append(load_input(config, task, self.data_root, settings, entry.get("token_budget") or 0,
+                                         checked_tables))
             except TaskFailure as failure:
                 self.fail(writer, config, task, failure, started)
         return inputs
 
-    def run_batch(self, batch: list[TaskInput], writer: RecordWriter, encoded=None) -> None:
+    def run_batch(self, batch: list[TaskInput], writer: RecordWriter) -> None:
         """Generate a batch; an OOM splits it, a lone task walks the OOM ladder; other errors isolate."""
         started = time.time()
         try:
-            if encoded is None:
-                encoded = self.engine.encode([ti.request for ti in batch])
-            responses = self.engine.generate_encoded(encoded)
+            responses = self.engine.generate_encoded(self.engine.encode([ti.request for ti in batch]))
         except torch.OutOfMemoryError:
             self.engine.free_memory()
             if len(batch) > 1:
@@ -294,8 +285,10 @@ class ShardRunner:
             ti.min_pixels = min(ti.min_pixels or 0, ti.max_pixels) or None
         log.warning("task %s/%s: out of memory, retry %d with budget %d tokens / cap %s px", ti.config.name,
                     ti.task.id, ti.retries, ti.token_budget, ti.max_pixels)
+        if ti.table_path:
+            self.tables.expect(ti.table_path)
         try:
-            prepare(self.engine, ti, self.generation)
+            self.prepare(ti)
         except TaskFailure as failure:
             self.fail(writer, ti.config, ti.task, failure, started, ti)
             return

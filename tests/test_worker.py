@@ -271,17 +271,41 @@ def test_engine_stops_each_sequence_at_its_end_token(tiny_model_dir, data_root):
     assert expected[0] != engine.generate([Request("Is it?", None, short)])[0], "min_new_tokens changed the output"
 
 
-def test_engine_plans_packed_batches_by_cache_tokens_and_padded_ones_by_padding(engine_requests):
+def test_engine_streams_batches_by_cache_tokens_and_padded_ones_by_padding(engine_requests):
+    """Batches form in the items' order as their prompts get ready, and close when the next would not fit."""
     engine, _ = engine_requests
     greedy = {"do_sample": False, "max_new_tokens": 100}
+    ready = lambda r: r  # noqa: E731 - prompts of known size, nothing to prepare
+    failures = []
     requests = [Request("x", None, greedy, prompt_tokens=n) for n in (900, 100, 400, 300)]
-    # packed: prompt + 100 new tokens each, summed: 200 + 400 + 500 = 1100 fit, 1000 more do not
-    batches = engine.plan(requests, lambda r: r, batch_tokens=1100)
-    assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300, 400], [900]]
+    # packed: prompt + 100 new tokens each, summed: 1000 alone; then 200 + 500 + 400 = 1100 fit
+    batches = list(engine.stream_batches(requests, ready, failures.append, greedy, batch_tokens=1100))
+    assert [[r.prompt_tokens for r in b] for b in batches] == [[900], [100, 400, 300]]
     banned = dict(greedy, no_repeat_ngram_size=3)  # HF generate: rows padded, 3 x 400 > 1100
     requests = [Request("x", None, banned, prompt_tokens=n) for n in (900, 100, 400, 300)]
-    batches = engine.plan(requests, lambda r: r, batch_tokens=1100)
-    assert [[r.prompt_tokens for r in b] for b in batches] == [[100, 300], [400], [900]]
+    batches = list(engine.stream_batches(requests, ready, failures.append, banned, batch_tokens=1100))
+    assert [[r.prompt_tokens for r in b] for b in batches] == [[900], [100, 400], [300]]
+    assert failures == []
+
+
+def test_prompts_are_prepared_a_few_ahead_of_the_gpu_and_failures_do_not_stop_the_stream(engine_requests):
+    engine, _ = engine_requests
+    greedy = {"do_sample": False, "max_new_tokens": 100}
+    prepared, failed = [], []
+
+    def prepare(request):
+        if request.text == "bad":
+            raise ValueError("broken table")
+        prepared.append(request)
+        return request
+
+    requests = [Request("bad" if n == 3 else "x", None, greedy, prompt_tokens=900) for n in range(40)]
+    stream = engine.stream_batches(requests, prepare, lambda r, err: failed.append((r, str(err))), greedy,
+                                   batch_tokens=1000)
+    first = next(stream)
+    assert first == [requests[0]] and len(prepared) < 20, "the first batch runs before the rest is prepared"
+    rest = list(stream)
+    assert len(rest) == 38 and failed == [(requests[3], "broken table")]
 
 
 def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement(engine_requests, caplog):
