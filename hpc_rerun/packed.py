@@ -251,6 +251,85 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+LONG_PREFILL_KEYS = 8192  # a lone sequence attending to this many keys or more: the split kernel, if faster
+
+
+def split_prefill(q, k, v, start: int, keys: int, scale: float, attend) -> torch.Tensor:
+    """One sequence's prefill piece (its queries the last of ``keys`` keys from pool row ``start``) as two
+    attentions merged by their log-sum-exp: the earlier keys without a mask, the piece's own causally.
+
+    Why: without a mask the query heads that share a K/V head are simply more query rows, so the earlier
+    keys (nearly all of them in a long prompt) are read in place from the pool, with no copy per query
+    head, by the fastest dense kernel the card has (cuDNN's on Hopper); only the piece's own keys are
+    repeated for the causal block. ``attend(q, k, v, causal) -> (out, lse)`` takes [1, heads, rows, dim]."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group, earlier = heads // kv_heads, keys - n
+    parts = []
+    if earlier > 0:
+        rows = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, dim)
+        out, lse = attend(rows, k[start:start + earlier].transpose(0, 1)[None],
+                          v[start:start + earlier].transpose(0, 1)[None], False)
+        parts.append((out.reshape(heads, n, dim), lse.reshape(heads, n)))
+    own = slice(start + earlier, start + keys)
+    out, lse = attend(q.transpose(0, 1)[None], k[own].transpose(0, 1).repeat_interleave(group, 0)[None],
+                      v[own].transpose(0, 1).repeat_interleave(group, 0)[None], True)
+    parts.append((out.reshape(heads, n, dim), lse.reshape(heads, n)))
+    if len(parts) == 1:
+        return parts[0][0].transpose(0, 1).to(q.dtype)
+    weights = torch.softmax(torch.stack([lse for _, lse in parts]).float(), dim=0)
+    merged = sum(w[..., None] * out.float() for w, (out, _) in zip(weights, parts))
+    return merged.to(q.dtype).transpose(0, 1)
+
+
+def cudnn_attend(q, k, v, causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                              scale=scale)[:2]
+
+
+@functools.cache
+def long_prefill_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """Once per process: "cudnn" if the split kernel agrees with the SDPA loop and prefills a long piece
+    faster than flash-attention's varlen kernel on this card, else "flash". Measured, not assumed: on an
+    H200 cuDNN ran 570-580 TFLOP/s against 332-346 (docs/performance.md); other cards decide for themselves."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        pool = torch.randn(2, 40_000, 8, 128, generator=gen, device=device, dtype=dtype)
+        q = torch.randn(4096, 32, 128, generator=gen, device=device, dtype=dtype)
+        start, keys, scale = 1000, 36_864, 128**-0.5
+        layout = Layout(pool=pool, slots=torch.empty(0, device=device),
+                        cu_q=torch.tensor([0, 4096], dtype=torch.int32, device=device),
+                        starts=torch.tensor([start, start + keys], dtype=torch.int32, device=device),
+                        used=torch.tensor([keys], dtype=torch.int32, device=device), max_q=4096, max_k=keys,
+                        host_cu_q=[0, 4096], host_starts=[start, start + keys], host_used=[keys])
+        attend = functools.partial(cudnn_attend, scale=scale)
+        split = split_prefill(q, pool[0], pool[1], start, keys, scale, attend)
+        slow = _reference(q, pool[0], pool[1], layout, scale).float()
+        error = ((split.float() - slow).norm() / slow.norm()).item()
+        if not error < 1e-2:
+            raise ValueError(f"relative error {error:.3g} against SDPA")
+
+        def seconds(fn) -> float:
+            fn()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(3):
+                fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return begin.elapsed_time(end)
+
+        flash = seconds(lambda: _flash(q, pool[0], pool[1], layout, True, scale)) if _flash_agrees(device, dtype) \
+            else float("inf")
+        cudnn = seconds(lambda: split_prefill(q, pool[0], pool[1], start, keys, scale, attend))
+        chosen = "cudnn" if cudnn < flash else "flash"
+        log.info("long prefill pieces: %s (cuDNN split %.1f ms, flash varlen %.1f ms)", chosen, cudnn, flash)
+        return chosen
+    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
+        log.info("long prefill pieces: flash varlen (cuDNN split not usable: %s: %s)", type(err).__name__, err)
+        return "flash"
+
+
 def _flash(q, k, v, layout: Layout, causal: bool, scale: float) -> torch.Tensor:
     """flash-attention's varlen kernel reading the pool in place; ``seqused_k`` bounds each region."""
     if layout.split is not None:
@@ -310,7 +389,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     pool[0].index_copy_(0, layout.slots, key[0].transpose(0, 1))
     pool[1].index_copy_(0, layout.slots, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [T, heads, dim]
-    if flash_available(q.device, q.dtype):
+    lone_long = (len(layout.host_cu_q) == 2 and layout.max_q > 1 and layout.host_used is not None
+                 and layout.host_used[0] >= LONG_PREFILL_KEYS)
+    if flash_available(q.device, q.dtype) and lone_long and long_prefill_kernel(q.device, q.dtype) == "cudnn":
+        out = split_prefill(q, pool[0], pool[1], layout.host_starts[0], layout.host_used[0], scaling,
+                            functools.partial(cudnn_attend, scale=scaling))
+    elif flash_available(q.device, q.dtype):
         out = _flash(q, pool[0], pool[1], layout, causal=layout.max_q > 1, scale=scaling)
     else:
         out = _reference(q, pool[0], pool[1], layout, scaling)
