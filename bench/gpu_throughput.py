@@ -126,8 +126,13 @@ def workload(engine: Engine, rng: random.Random) -> list[tuple[str, Request]]:
         requests.append(("image+text-3k", Request(build_prompt_text(task, "mix", "csv", table_of(tok, 3000, rng),
                                                                     DEFAULT_PROMPTS), image, greedy)))
     for _, request in requests:
-        request.prompt_tokens = engine.count_tokens(request)
+        request.prompt_tokens = prepared(engine, request).prompt_tokens
     return requests
+
+
+def prepared(engine: Engine, request: Request) -> Request:
+    """The worker's preparation of a whole prompt (no table to cut): ids, rope positions, image patches."""
+    return engine.prepare(request.text, request.image, request.generation, budget=1 << 40)
 
 
 def seed_way(engine: Engine, request: Request) -> list[int]:
@@ -153,14 +158,21 @@ def run_engine(engine: Engine, requests: list[Request], total_gib: float, new_to
     if new_tokens is not None:
         requests = [Request(r.text, r.image, dict(r.generation, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
                             r.prompt_tokens) for r in requests]
-    batches = engine.plan(requests, lambda r: r, total_gib=total_gib)
-    answers = {}
+    answers, batches, failed = {}, [], []
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for batch, encoded in engine.pipelined(batches, lambda r: r):
-        answers.update(zip(map(id, batch), engine.generate_ids(encoded)))
+    ready = {}
+
+    def prepare(request: Request) -> Request:  # on the engine's threads, as the worker prepares
+        ready[id(request)] = prepared(engine, request)
+        return ready[id(request)]
+
+    for batch in engine.stream_batches(requests, prepare, lambda r, err: failed.append(err), requests[0].generation,
+                                       total_gib=total_gib):
+        batches.append(batch)
+        answers.update(zip(map(id, batch), engine.generate_ids(engine.encode([ready[id(r)] for r in batch]))))
     torch.cuda.synchronize()
-    assert len(answers) == len(requests)
+    assert len(answers) == len(requests) and not failed, failed
     return time.perf_counter() - start, batches, answers
 
 
@@ -182,7 +194,7 @@ def text_3k_against_ceiling(engine: Engine, args, rng: random.Random, parameters
     requests = [Request(build_prompt_text(task, "text", "csv", table_of(engine.tokenizer, 3000, rng), DEFAULT_PROMPTS),
                         None, greedy) for _ in range(args.ceiling_tasks)]
     for request in requests:
-        request.prompt_tokens = engine.count_tokens(request)
+        request.prompt_tokens = prepared(engine, request).prompt_tokens
     engine.packed.cuda_graphs = True
     seconds, batches, _ = run_engine(engine, requests, args.total_gib)
     prompt = statistics.mean(r.prompt_tokens for r in requests)

@@ -38,6 +38,7 @@ CPU_PREFILL_TOKENS = CPU_PACKED_TOKENS = 32768
 MAX_BATCH = 64
 MAX_PACKED_BATCH = 256
 LOOKAHEAD_PER_THREAD = 2  # prompts prepared ahead of the GPU, per preparing thread (bounds host memory)
+GPU_MEMORY_ENV = "HPC_RERUN_GPU_MEMORY_GIB"
 TABLE_SLOT = "\ue000table\ue000"  # where the table goes in a message (private-use characters)
 JOIN_SLACK = 4  # tokens the joins around a table may differ from the parts counted alone
 
@@ -129,6 +130,9 @@ class Engine:
         from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Plan batches and prompt budgets as if the card had this much memory (a shared or MIG'd GPU).
+        limit = os.environ.get(GPU_MEMORY_ENV)
+        self.total_gib = float(limit) if limit else None
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -158,6 +162,7 @@ class Engine:
         """(tokens per batch, padded?): K/V cache tokens (prompt + new) a packed batch may hold, after the
         weights and the prefill's activations, in 90% of the card (or of ``total_gib``); HF generate's
         padded budget otherwise."""
+        total_gib = total_gib or self.total_gib
         if self.sampling(generation) is None:
             return default_batch_tokens(self.device, total_gib), True
         if self.device.type != "cuda":
@@ -167,8 +172,7 @@ class Engine:
     def _cache_tokens(self, total_gib: float | None, longest_prompt: int) -> int:
         """K/V cache tokens that fit in 90% of the card beside the weights and the activations of the
         largest prefill pass (``prefill_tokens``, or more when a piece is stretched to hold an image)."""
-        if total_gib is None:
-            total_gib = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
+        total_gib = total_gib or self.total_gib or torch.cuda.get_device_properties(self.device).total_memory / 1024**3
         weights = torch.cuda.memory_allocated(self.device)
         largest_pass = max(self.packed.prefill_tokens, min(longest_prompt, self.packed.prefill_tokens + MAX_IMAGE_TOKENS))
         free = 0.90 * total_gib * 1024**3 - weights - ACTIVATION_BYTES_PER_TOKEN * largest_pass
