@@ -80,6 +80,15 @@ def fa2_split(q, k, v, keys):
     return _merge(parts).to(q.dtype).transpose(0, 1)
 
 
+def engine_split(q, k, v, keys):
+    """The engine's split_prefill (stacked query heads for the earlier keys) on cuDNN."""
+    import functools
+
+    from hpc_rerun.packed import cudnn_attend, split_prefill
+
+    return split_prefill(q, k, v, 0, keys, SCALE, functools.partial(cudnn_attend, scale=SCALE))
+
+
 def sdpa_lower_right(q, k, v, keys):
     from torch.nn.attention.bias import causal_lower_right
 
@@ -90,8 +99,30 @@ def sdpa_lower_right(q, k, v, keys):
     return out[0].transpose(0, 1)
 
 
-VARIANTS = {"fa2_varlen": fa2_varlen, "cudnn_split": cudnn_split, "fa2_split": fa2_split,
-            "sdpa_lower_right": sdpa_lower_right}
+VARIANTS = {"fa2_varlen": fa2_varlen, "cudnn_split": cudnn_split, "engine_split": engine_split,
+            "fa2_split": fa2_split, "sdpa_lower_right": sdpa_lower_right}
+
+
+def memory_probe(tokens: int, piece: int) -> list[dict]:
+    """Peak memory above the inputs of each variant on the last piece (the largest attention call)."""
+    k = torch.randn(tokens, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(piece, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for name in ("fa2_varlen", "cudnn_split", "engine_split"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            VARIANTS[name](q, k, v, tokens)
+            torch.cuda.synchronize()
+            rows.append({"variant": name, "piece": piece, "keys": tokens,
+                         "peak_above_inputs_gib": round((torch.cuda.max_memory_allocated() - base) / 1024**3, 2)})
+        except Exception as err:  # noqa: BLE001
+            rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def flops(piece: int, keys: int) -> float:
@@ -124,7 +155,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=262144)
     parser.add_argument("--pieces", default="16384,32768")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--memory", action="store_true", help="only the peak memory of each variant's largest call")
     args = parser.parse_args()
+    if args.memory:
+        for piece in [int(x) for x in args.pieces.split(",")]:
+            memory_probe(args.tokens, piece)
+        return
     torch.manual_seed(0)
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "cudnn": torch.backends.cudnn.version(), "tokens": args.tokens, "matmul_tflops": round(matmul_rate(), 1)}
