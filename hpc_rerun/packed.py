@@ -287,27 +287,37 @@ def cudnn_attend(q, k, v, causal: bool, scale: float):
                                                               scale=scale)[:2]
 
 
+def _lone_layout(pool, start: int, queries: int, keys: int) -> Layout:
+    device = pool.device
+    return Layout(pool=pool, slots=torch.empty(0, device=device),
+                  cu_q=torch.tensor([0, queries], dtype=torch.int32, device=device),
+                  starts=torch.tensor([start, start + keys], dtype=torch.int32, device=device),
+                  used=torch.tensor([keys], dtype=torch.int32, device=device), max_q=queries, max_k=keys,
+                  host_cu_q=[0, queries], host_starts=[start, start + keys], host_used=[keys])
+
+
 @functools.cache
 def long_prefill_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """Once per process: "cudnn" if the split kernel agrees with the SDPA loop and prefills a long piece
-    faster than flash-attention's varlen kernel on this card, else "flash". Measured, not assumed: on an
-    H200 cuDNN ran 570-580 TFLOP/s against 332-346 (docs/performance.md); other cards decide for themselves."""
+    """Once per process (the engine asks at load, before any cache exists): "cudnn" if the split kernel
+    agrees with the SDPA loop and prefills a long piece faster than flash-attention's varlen kernel on
+    this card, else "flash". Measured, not assumed: on an H200 cuDNN ran 570-580 TFLOP/s against 332-346
+    (docs/performance.md); other cards decide for themselves. The agreement is checked on a small case
+    (the loop's masked SDPA materialises its scores), the speed on a long one."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        pool = torch.randn(2, 40_000, 8, 128, generator=gen, device=device, dtype=dtype)
-        q = torch.randn(4096, 32, 128, generator=gen, device=device, dtype=dtype)
-        start, keys, scale = 1000, 36_864, 128**-0.5
-        layout = Layout(pool=pool, slots=torch.empty(0, device=device),
-                        cu_q=torch.tensor([0, 4096], dtype=torch.int32, device=device),
-                        starts=torch.tensor([start, start + keys], dtype=torch.int32, device=device),
-                        used=torch.tensor([keys], dtype=torch.int32, device=device), max_q=4096, max_k=keys,
-                        host_cu_q=[0, 4096], host_starts=[start, start + keys], host_used=[keys])
+        scale = 128**-0.5
         attend = functools.partial(cudnn_attend, scale=scale)
-        split = split_prefill(q, pool[0], pool[1], start, keys, scale, attend)
-        slow = _reference(q, pool[0], pool[1], layout, scale).float()
-        error = ((split.float() - slow).norm() / slow.norm()).item()
+        pool = torch.randn(2, 6000, 8, 128, generator=gen, device=device, dtype=dtype)
+        q = torch.randn(512, 32, 128, generator=gen, device=device, dtype=dtype)
+        split = split_prefill(q, pool[0], pool[1], 100, 4608, scale, attend).float()
+        slow = _reference(q, pool[0], pool[1], _lone_layout(pool, 100, 512, 4608), scale).float()
+        error = ((split - slow).norm() / slow.norm()).item()
         if not error < 1e-2:
             raise ValueError(f"relative error {error:.3g} against SDPA")
+        pool = torch.randn(2, 40_000, 8, 128, generator=gen, device=device, dtype=dtype)
+        q = torch.randn(4096, 32, 128, generator=gen, device=device, dtype=dtype)
+        start, keys = 1000, 36_864
+        layout = _lone_layout(pool, start, 4096, keys)
 
         def seconds(fn) -> float:
             fn()
@@ -479,6 +489,9 @@ class PackedGenerator:
 
     def __init__(self, model, prefill_tokens: int, cuda_graphs: bool = True):
         register()
+        if flash_available(model.device, model.dtype):  # choose kernels now, while no K/V cache holds the card
+            long_prefill_kernel(model.device, model.dtype)
+            torch.cuda.empty_cache()
         self.cuda_graphs = cuda_graphs
         self.model = model
         self.text_config = model.config.text_config
