@@ -26,7 +26,7 @@ Exit codes: 0 success, 1 a check failed (e.g. runnable gaps with --fail-on-gaps)
 
 EXIT_GAPS = 1
 EXIT_BAD_INPUT = 3
-DEV_CLUSTER_PROFILE = Path(__file__).resolve().parent.parent / "slurm" / "profiles" / "dev-cluster.toml"
+DEV_CLUSTER_PROFILE = Path(__file__).resolve().parent / "profiles" / "dev-cluster.toml"  # in the package
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -142,21 +142,20 @@ def scan(results_root, data_root, task_list, project_file, run_dirs, only, as_js
 
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--greedy", is_flag=True, help="Greedy decoding instead of the configuration's sampling settings.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each failed task and retry.")
-def worker(spec, greedy, verbose):
+def worker(spec, verbose):
     """Run one shard (SPEC = <run>/attempt-N/shard-NNNN.json) on this machine.
 
     Loads the model once, answers every task not yet in the shard file (SPEC with .jsonl), and appends
     one record per task. Safe to rerun: it resumes where the file ends. This is what each Slurm array
-    element runs.
+    element runs. Generation settings are the spec's (set by `plan`), so every attempt uses the same.
     """
     import logging
 
     from .worker import run_shard
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    summary = run_shard(spec, greedy=greedy)
+    summary = run_shard(spec)
     click.echo(json.dumps(summary))
 
 
@@ -295,10 +294,9 @@ def load_run(run_dir: Path) -> dict:
 @click.option("--executor", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
               help="slurm: one job array through submitit; local: processes on this machine, one per GPU.")
 @click.option("--parallel", type=int, default=1, show_default=True, help="local: CPU workers at once when no GPU.")
-@click.option("--greedy", is_flag=True, help="Greedy decoding for this submission.")
 @click.option("--attempt", type=int, help="Which attempt to submit [default: the latest].")
 @slurm_flags
-def submit(run_dir, executor, parallel, greedy, attempt, **slurm):
+def submit(run_dir, executor, parallel, attempt, **slurm):
     """Submit a planned run: one Slurm job array (each element one shard on its own GPU), or --executor local.
 
     Returns at once with the job id; watch with `hpc-rerun status RUN_DIR --watch`.
@@ -313,12 +311,12 @@ def submit(run_dir, executor, parallel, greedy, attempt, **slurm):
         raise click.UsageError(f"attempt {attempt} of {run_dir} was already submitted ({entry['executor']}); "
                                f"use `hpc-rerun resubmit {run_dir}` for what is still missing")
     if executor == "local":
-        pid = submit_local(run_dir, attempt, parallel, greedy)
+        pid = submit_local(run_dir, attempt, parallel)
         click.echo(f"attempt {attempt}: {len(entry['shards'])} shards running locally (pool pid {pid})")
     else:
         options = resolve_slurm(slurm, entry.get("slurm") or plan_data.get("slurm"))
         try:
-            jobs = submit_slurm(run_dir, attempt, options, greedy)
+            jobs = submit_slurm(run_dir, attempt, options)
         except SlurmUnavailable as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_BAD_INPUT)
@@ -390,19 +388,31 @@ def resubmit(run_dir, retry_errors, partition, shards, parallel, no_submit):
     if executor == "local":
         pid = submit_local(run_dir, attempt, parallel)
         click.echo(f"running locally (pool pid {pid})")
-    else:
+        return
+    from .executors import SlurmUnavailable
+
+    try:
         jobs = submit_slurm(run_dir, attempt, options)
-        click.echo(f"submitted as job array {', '.join(sorted({j.split('_')[0] for j in jobs.values()}))}")
+    except SlurmUnavailable as err:
+        click.echo(f"error: {err}\nattempt {attempt} is written; submit it with `hpc-rerun submit {run_dir}` "
+                   "where Slurm is, or `--executor local`", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(f"submitted as job array {', '.join(sorted({j.split('_')[0] for j in jobs.values()}))}")
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 def cancel(run_dir):
     """Stop every job of a run (scancel for Slurm, the local pool otherwise). Shard files are kept."""
+    from .executors import SlurmUnavailable
     from .submit import cancel as cancel_run
 
     load_run(run_dir)
-    cancelled = cancel_run(run_dir)
+    try:
+        cancelled = cancel_run(run_dir)
+    except SlurmUnavailable as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     click.echo(f"cancelled: {', '.join(cancelled)}" if cancelled else "nothing to cancel")
 
 

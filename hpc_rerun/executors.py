@@ -12,9 +12,9 @@ class SlurmUnavailable(RuntimeError):
     """Slurm was asked for but its client commands are not usable here."""
 
 
-def check_slurm_clients() -> None:
-    """Fail with a fix when sbatch/srun/sacct are missing (submitit would quietly run locally)."""
-    missing = [c for c in ("sbatch", "srun", "sacct", "squeue") if shutil.which(c) is None]
+def check_slurm_clients(commands: tuple[str, ...] = ("sbatch", "srun", "sacct", "squeue")) -> None:
+    """Fail with a fix when Slurm's commands are missing (submitit would quietly run locally)."""
+    missing = [c for c in commands if shutil.which(c) is None]
     if missing:
         raise SlurmUnavailable(
             f"Slurm was asked for, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH. "

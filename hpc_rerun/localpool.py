@@ -5,7 +5,7 @@ One worker process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; witho
 ``attempt-N/local-state.json`` (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED), which ``status``
 reads the way it reads sacct for Slurm.
 
-    python -m hpc_rerun.localpool RUN_DIR ATTEMPT [--parallel N] [--greedy]
+    python -m hpc_rerun.localpool RUN_DIR ATTEMPT [--parallel N]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
-def run_pool(run_dir: Path, attempt: int, parallel: int, greedy: bool) -> int:
+def run_pool(run_dir: Path, attempt: int, parallel: int) -> int:
     plan = load_plan(run_dir)
     shards = plan["attempts"][attempt - 1]["shards"]
     state_path = run_dir / f"attempt-{attempt}" / "local-state.json"
@@ -64,8 +64,6 @@ def run_pool(run_dir: Path, attempt: int, parallel: int, greedy: bool) -> int:
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot if slot is not None else "")
             log = run_dir / f"attempt-{attempt}" / f"shard-{shard['shard']:04d}.log"
             command = [sys.executable, "-m", "hpc_rerun.cli", "worker", str(run_dir / shard["spec"])]
-            if greedy:
-                command.append("--greedy")
             with open(log, "ab") as out:
                 proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             running[str(shard["shard"])] = (proc, slot)
@@ -101,9 +99,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("attempt", type=int)
     parser.add_argument("--parallel", type=int, default=1, help="CPU workers at once when no GPU is visible")
-    parser.add_argument("--greedy", action="store_true")
     args = parser.parse_args()
-    sys.exit(run_pool(args.run_dir, args.attempt, args.parallel, args.greedy))
+    sys.exit(run_pool(args.run_dir, args.attempt, args.parallel))
 
 
 if __name__ == "__main__":

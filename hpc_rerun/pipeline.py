@@ -27,13 +27,13 @@ def choose_executor(requested: str, console: Console) -> str:
     return chosen
 
 
-def submit_attempt(run_dir: Path, attempt: int, executor: str, options: dict, parallel: int, greedy: bool) -> None:
+def submit_attempt(run_dir: Path, attempt: int, executor: str, options: dict, parallel: int) -> None:
     from .submit import submit_local, submit_slurm
 
     if executor == "local":
-        submit_local(run_dir, attempt, parallel, greedy)
+        submit_local(run_dir, attempt, parallel)
     else:
-        submit_slurm(run_dir, attempt, options, greedy)
+        submit_slurm(run_dir, attempt, options)
 
 
 def watch(run_dir: Path, executor: str, parallel: int, max_attempts: int, console: Console, poll_s: float) -> int:
@@ -54,7 +54,7 @@ def watch(run_dir: Path, executor: str, parallel: int, max_attempts: int, consol
                 attempt, entries, options = resubmit(run_dir)
                 if attempt is None:
                     return attempts
-                submit_attempt(run_dir, attempt, executor, options, parallel, greedy=False)
+                submit_attempt(run_dir, attempt, executor, options, parallel)
                 attempts += 1
             time.sleep(poll_s)
 
@@ -72,7 +72,7 @@ def run_pipeline(report: ScanReport, variants, settings: RunSettings, *, logs: P
     packed = pack_shards(costs, shard_count(sum(c.seconds for c in costs), len(costs), shards, target_hours))
     run_dir = write_run(logs, report, packed, settings, variants, slurm_options)
     console.print(f"run directory: {run_dir} ({len(costs)} tasks in {len(packed)} shards)", highlight=False)
-    submit_attempt(run_dir, 1, executor, slurm_options, parallel, greedy=False)
+    submit_attempt(run_dir, 1, executor, slurm_options, parallel)
     try:
         watch(run_dir, executor, parallel, max_attempts, console, poll_s)
     except KeyboardInterrupt:

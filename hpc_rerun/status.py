@@ -34,6 +34,7 @@ class ShardStatus:
     errors: int
     first_start: str | None
     last_end: str | None
+    open: int  # its tasks that no attempt (this one or a later) has answered yet
 
     @property
     def missing(self) -> int:
@@ -41,8 +42,8 @@ class ShardStatus:
 
     @property
     def needs_rerun(self) -> bool:
-        """Ended without finishing its tasks (or ended badly while tasks were still open)."""
-        return self.state not in ACTIVE and self.missing > 0
+        """Ended with tasks that no attempt has answered: what resubmit reruns."""
+        return self.state not in ACTIVE and self.open > 0
 
 
 def _run(command: list[str]) -> str | None:
@@ -118,6 +119,7 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
     plan = load_plan(run_dir)
     slurm_ids = [j for a in plan["attempts"] if a.get("executor") == "slurm" for j in a.get("jobs", {}).values()]
     sacct, squeue, sacct_ok = slurm_states(slurm_ids)
+    answered = set(task_records(run_dir))
     statuses = []
     for attempt in plan["attempts"]:
         submitted = dt.datetime.fromisoformat(attempt["submitted"]) if attempt.get("submitted") else None
@@ -141,12 +143,13 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
                 state = "COMPLETED"  # the scheduler lost track, the shard file has every answer
             starts = [r["provenance"]["start"] for r in records if r.get("provenance", {}).get("start")]
             ends = [r["provenance"]["end"] for r in records if r.get("provenance", {}).get("end")]
+            open_tasks = sum(1 for t in _spec_tasks(run_dir / shard["spec"]) if (t["config"], t["id"]) not in answered)
             statuses.append(ShardStatus(
                 attempt=attempt["attempt"], shard=shard["shard"], job_id=job_id or (
                     f"local:{attempt.get('pool_pid')}" if attempt.get("executor") == "local" else None),
                 state=state, total=shard["tasks"], done=len(keys),
                 errors=sum(1 for r in records if str(r.get("Prediction", "")).startswith("[ERROR]")),
-                first_start=min(starts) if starts else None, last_end=max(ends) if ends else None,
+                first_start=min(starts) if starts else None, last_end=max(ends) if ends else None, open=open_tasks,
             ))
     return statuses
 
@@ -184,16 +187,9 @@ def summary(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None 
         "rate_tasks_per_s": round(rate, 4) if rate else None,
         "eta_s": round(remaining / rate) if rate and remaining and active else None,
         "states": states,
-        "needs_rerun": sum(1 for s in statuses if s.needs_rerun and _open_tasks(run_dir, plan, s, records)),
+        "needs_rerun": sum(1 for s in statuses if s.needs_rerun),
         "finished": not active,
     }
-
-
-def _open_tasks(run_dir: Path, plan: dict, status: ShardStatus, records: dict) -> list[tuple]:
-    """The shard's tasks that no attempt has answered yet."""
-    shard = plan["attempts"][status.attempt - 1]["shards"][status.shard]
-    return [(t["config"], t["id"]) for t in _spec_tasks(Path(run_dir) / shard["spec"])
-            if (t["config"], t["id"]) not in records]
 
 
 def _spec_tasks(spec_path: Path) -> list[dict]:

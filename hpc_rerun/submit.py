@@ -101,7 +101,7 @@ def max_array_size() -> int:
     return int(match.group(1)) if match else 1001
 
 
-def submit_slurm(run_dir: Path, attempt: int, options: dict, greedy: bool = False) -> dict[int, str]:
+def submit_slurm(run_dir: Path, attempt: int, options: dict) -> dict[int, str]:
     """One sbatch job array per chunk of at most MaxArraySize shards; returns shard -> job id."""
     from .worker import ShardJob
 
@@ -116,7 +116,7 @@ def submit_slurm(run_dir: Path, attempt: int, options: dict, greedy: bool = Fals
     for start in range(0, len(shards), chunk):
         part = shards[start:start + chunk]
         specs = [str(run_dir / s["spec"]) for s in part]
-        submitted = executor.map_array(ShardJob(), specs, [greedy] * len(specs))
+        submitted = executor.map_array(ShardJob(), specs)
         jobs.update({s["shard"]: job.job_id for s, job in zip(part, submitted)})
     record_submission(run_dir, attempt, "slurm", jobs, options)
     return jobs
@@ -133,14 +133,12 @@ def record_submission(run_dir: Path, attempt: int, executor: str, jobs: dict, op
     save_plan(run_dir, plan)
 
 
-def submit_local(run_dir: Path, attempt: int, parallel: int | None, greedy: bool = False) -> int:
+def submit_local(run_dir: Path, attempt: int, parallel: int | None) -> int:
     """Start the local pool for this attempt, detached; returns its pid (the run's "job id")."""
     log = run_dir / f"attempt-{attempt}" / "local-pool.log"
     command = [sys.executable, "-m", "hpc_rerun.localpool", str(run_dir), str(attempt)]
     if parallel:
         command += ["--parallel", str(parallel)]
-    if greedy:
-        command.append("--greedy")
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -155,7 +153,7 @@ def cancel(run_dir: Path) -> list[str]:
     slurm_jobs = [job for entry in plan["attempts"] if entry.get("executor") == "slurm"
                   for job in entry.get("jobs", {}).values()]
     if slurm_jobs:
-        check_slurm_clients()
+        check_slurm_clients(("scancel",))
         subprocess.run(["scancel", *sorted({j.split("_")[0] for j in slurm_jobs})], check=False, timeout=60)
         cancelled += slurm_jobs
     for entry in plan["attempts"]:

@@ -127,13 +127,11 @@ def error_metrics(task: Task) -> dict:
 
 
 class ShardRunner:
-    def __init__(self, spec_path: str | Path, greedy: bool = False):
+    def __init__(self, spec_path: str | Path):
         self.spec_path = Path(spec_path)
         self.spec = ShardSpec.read(spec_path)
         self.data_root = Path(self.spec.data_root)
-        self.generation = dict(self.spec.generation)
-        if greedy:
-            self.generation = {"do_sample": False, "max_new_tokens": self.generation.get("max_new_tokens", 4096)}
+        self.generation = dict(self.spec.generation)  # the plan's, the same in every attempt
         self.engine: Engine | None = None
         self.tables: TableCache | None = None
         self.gpu = "cpu"
@@ -311,13 +309,13 @@ class ShardRunner:
 
 
 
-def run_shard(spec_path: str | Path, greedy: bool = False) -> dict:
+def run_shard(spec_path: str | Path) -> dict:
     """Entry point for one array element (and ``hpc-rerun worker``)."""
-    return ShardRunner(spec_path, greedy=greedy).run()
+    return ShardRunner(spec_path).run()
 
 
 class ShardJob(submitit.helpers.Checkpointable):
     """submitit callable: on timeout or preemption it requeues itself and resumes from the shard file."""
 
-    def __call__(self, spec_path: str, greedy: bool = False) -> dict:
-        return run_shard(spec_path, greedy=greedy)
+    def __call__(self, spec_path: str) -> dict:
+        return run_shard(spec_path)
