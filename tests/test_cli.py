@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
-
-import hpc_rerun
 
 SCRIPT = Path(sys.executable).parent / "hpc-rerun"
 
@@ -20,7 +20,9 @@ def test_help_explains_the_flow_and_exit_codes():
 
 def test_version():
     out = subprocess.run([SCRIPT, "--version"], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == f"hpc-rerun, version {hpc_rerun.__version__}"
+    # The installed distribution's own metadata, not the constant the command prints.
+    assert out.strip() == f"hpc-rerun, version {importlib.metadata.version('hpc-rerun')}"
+    assert re.fullmatch(r"hpc-rerun, version \d+\.\d+\.\d+", out.strip())
 
 
 def test_build_tiny_model_command(tmp_path):

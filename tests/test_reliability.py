@@ -160,6 +160,12 @@ def test_node_down_during_a_run_and_back(slurm_cluster, demo_paths):
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=False, capture_output=True)
     env = {"HPC_RERUN_LOST_GRACE_S": "5"}
     status = wait_finished(run_dir, 300, env=env)
+    # The node going down must have cost the run something, or this test tests nothing: Slurm requeued the
+    # element it killed (NODE_FAIL / REQUEUED in the job's history), or the run has a shard to resubmit.
+    array = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"].split("_")[0]
+    history = subprocess.run(["sacct", "-D", "-n", "-P", "-X", "-j", array, "-o", "JobID,State"],
+                             capture_output=True, text=True).stdout
+    assert status["summary"]["needs_rerun"] or "NODE_FAIL" in history or "REQUEUE" in history, history
     if status["summary"]["needs_rerun"]:
         cli("resubmit", run_dir, env=env, check=True)
         status = wait_finished(run_dir, 300, env=env)
