@@ -60,16 +60,34 @@ def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, str], bo
         return {}, {}, True
     arrays = sorted({j.split("_")[0] for j in job_ids})
     sacct_out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(arrays), "-o", "JobID,State"])
-    sacct = {}
-    for line in (sacct_out or "").splitlines():
-        job, _, state = line.partition("|")
-        sacct[job.strip()] = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0"
     squeue_out = _run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"])
-    squeue = {}
-    for line in (squeue_out or "").splitlines():
+    return parse_states(sacct_out or ""), parse_states(squeue_out or ""), sacct_out is not None
+
+
+def parse_states(text: str) -> dict[str, str]:
+    """``JobID|State`` lines (sacct -P, squeue -o %i|%T) -> element id -> state. Pending elements still inside
+    their array record come as ranges (``123_[4-7,9%2]``) and are expanded; ``CANCELLED by 0`` is CANCELLED;
+    an empty state is UNKNOWN. A later line for the same element (a requeued one) wins."""
+    states = {}
+    for line in text.splitlines():
         job, _, state = line.partition("|")
-        squeue[job.strip()] = state.strip()
-    return sacct, squeue, sacct_out is not None
+        state = state.split()[0] if state.strip() else "UNKNOWN"
+        for element in expand_job_ids(job.strip()):
+            states[element] = state
+    return states
+
+
+def expand_job_ids(job: str) -> list[str]:
+    """``123_[4-7,9%2]`` -> 123_4 ... 123_7, 123_9 (``%N`` is the array's throttle); other ids as they are."""
+    array, sep, index = job.partition("_")
+    if not sep or not index.startswith("["):
+        return [job] if job else []
+    elements = []
+    for part in index.strip("[]").split("%")[0].split(","):
+        first, dash, last = part.partition("-")
+        if first.isdigit() and (not dash or last.isdigit()):
+            elements += [f"{array}_{n}" for n in range(int(first), int(last if dash else first) + 1)]
+    return elements
 
 
 def resolve_state(job_id: str, sacct: dict, squeue: dict, sacct_ok: bool, last_sign_of_life: dt.datetime | None,
