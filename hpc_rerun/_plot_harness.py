@@ -1,15 +1,55 @@
 """Inside the sandbox: run solution.py under an audit hook and record what its figure plots.
 
-Usage: python -I _plot_harness.py WORK_DIR RESULT_JSON. Writes {"ok", "y", "error"} to RESULT_JSON
-(opened before the hook is installed, so the code itself cannot reach it by name).
+Usage: python -I _plot_harness.py WORK_DIR RESULT_JSON [UID GID]. Writes {"ok", "y", "error"} to
+RESULT_JSON (opened before the hook is installed, so the code itself cannot reach it by name).
+
+With UID GID (started as root, in a mount namespace of its own), it first makes this Python and its
+packages readable by that user, and nothing else: a folder on their way that the user cannot enter (a
+clone in /root, mode 0700) is covered with an empty tmpfs and only those paths are bound back, read-only.
+Then it becomes UID/GID, before anything of the model's runs.
 """
 
 import json
 import os
+import subprocess
 import sys
 
 work_dir, result_path = os.path.realpath(sys.argv[1]), sys.argv[2]
 result_file = open(result_path, "w")
+
+
+def blocked_ancestor(path: str) -> str | None:
+    """The first folder from / down to ``path`` that others cannot enter."""
+    parts = path.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        folder = "/" + "/".join(parts[:depth])
+        if os.path.isdir(folder) and not os.stat(folder).st_mode & 0o001:
+            return folder
+    return None
+
+
+def expose_python() -> None:
+    needed = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path]
+              if p and os.path.exists(p)}
+    needed = sorted(p for p in needed if blocked_ancestor(p) and not p == blocked_ancestor(p))
+    staging = os.path.join(os.path.dirname(work_dir), "expose")
+    covers = sorted({blocked_ancestor(p) for p in needed})
+    for number, path in enumerate(needed):
+        os.makedirs(f"{staging}/{number}")
+        subprocess.run(["mount", "--bind", path, f"{staging}/{number}"], check=True)
+    for cover in covers:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", cover], check=True)
+    for number, path in enumerate(needed):
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "--bind", f"{staging}/{number}", path], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", path], check=True)
+
+
+if len(sys.argv) > 4:
+    expose_python()
+    os.setgroups([])
+    os.setgid(int(sys.argv[4]))
+    os.setuid(int(sys.argv[3]))
 os.chdir(work_dir)
 
 import matplotlib  # noqa: E402  (imported before the hook so its own file access is not in the way)

@@ -4,7 +4,9 @@ Layers (each one alone would not be enough):
 - a fresh interpreter in a new session, killed with its whole process group at the time limit and
   again when it returns (no child left behind);
 - resource limits: address space, file size, CPU seconds, open files, no core dumps;
-- as root, it runs as ``nobody`` in a folder only it can write, and with a process-count limit;
+- as root, it runs as ``nobody`` in a folder only it can write, and with a process-count limit; in a
+  mount namespace of its own, where only this Python and its packages are made readable to nobody (so a
+  clone in a private home, /root being 0700, works; the rest of such a home stays hidden);
 - no network: a private network namespace where the machine allows one (``unshare``);
 - inside, an audit hook refuses sockets, new processes and writes outside its folder.
 """
@@ -36,13 +38,16 @@ class PlotRun:
     error: str | None = None
 
 
-@functools.lru_cache(maxsize=1)
-def _network_isolation() -> list[str]:
-    """The prefix that gives a private network namespace here, or [] where none is allowed."""
+@functools.lru_cache(maxsize=2)
+def _isolation(as_root: bool) -> list[str]:
+    """The prefix that gives a private network (and, as root, mount) namespace here, or [] where none is
+    allowed."""
     unshare = shutil.which("unshare")
     if not unshare:
         return []
-    for prefix in ([unshare, "--net"], [unshare, "--user", "--map-root-user", "--net"]):
+    candidates = ([unshare, "--net", "--mount"],) if as_root else ([unshare, "--net"],
+                                                                    [unshare, "--user", "--map-root-user", "--net"])
+    for prefix in candidates:
         try:
             if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
                 return prefix
@@ -61,17 +66,6 @@ def _limit_child() -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))  # enforced once it runs as nobody
 
 
-def _sandbox_prefix(as_root: bool) -> list[str]:
-    """Network namespace first (needs privileges), then, as root, become nobody."""
-    prefix = list(_network_isolation())
-    setpriv = shutil.which("setpriv")
-    if as_root:
-        if not setpriv:
-            raise RuntimeError("setpriv (util-linux) is needed to run plotting code as nobody; install util-linux")
-        prefix += [setpriv, f"--reuid={NOBODY_UID}", f"--regid={NOBODY_GID}", "--clear-groups"]
-    return prefix
-
-
 @functools.lru_cache(maxsize=1)
 def check_sandbox() -> None:
     """Fail loudly, once, if the sandbox itself cannot run here (so no answer is scored ECR=False for
@@ -79,8 +73,8 @@ def check_sandbox() -> None:
     probe = run_plot_code("import matplotlib.pyplot as plt\nplt.plot([1])\nplt.show()", None, "probe", TIME_LIMIT_S,
                           checked=True)
     if not probe.ok:
-        raise RuntimeError(f"the plotting sandbox cannot run here ({probe.error}); it needs this Python to be "
-                           "executable by user nobody (when run as root) and matplotlib, pandas and openpyxl")
+        raise RuntimeError(f"the plotting sandbox cannot run here ({probe.error}); it needs matplotlib, pandas "
+                           "and openpyxl, and as root util-linux's unshare and mount")
 
 
 def run_plot_code(code: str, xlsx: Path | None, file_name: str, time_limit_s: float = TIME_LIMIT_S,
@@ -103,7 +97,15 @@ def run_plot_code(code: str, xlsx: Path | None, file_name: str, time_limit_s: fl
                 os.chown(path, NOBODY_UID, NOBODY_GID)
             os.chmod(tmp, 0o711)
         harness = Path(__file__).with_name("_plot_harness.py")
-        command = [*_sandbox_prefix(as_root), sys.executable, "-I", str(harness), str(work), str(result_path)]
+        isolation = _isolation(as_root)
+        command = [*isolation, sys.executable, "-I", str(harness), str(work), str(result_path)]
+        if as_root and isolation:  # the harness exposes this Python in its mount namespace, then becomes nobody
+            command += [str(NOBODY_UID), str(NOBODY_GID)]
+        elif as_root:  # no namespaces here: nobody must be able to read this Python where it is
+            setpriv = shutil.which("setpriv")
+            if not setpriv:
+                raise RuntimeError("setpriv (util-linux) is needed to run plotting code as nobody; install util-linux")
+            command = [setpriv, f"--reuid={NOBODY_UID}", f"--regid={NOBODY_GID}", "--clear-groups", *command]
         env = {"PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg", "HOME": str(work), "MPLCONFIGDIR": str(work),
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
         proc = subprocess.Popen(

@@ -97,3 +97,47 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_zero_score(monkeypatch):
             run_plot_code(PLOT_OK, None, "x")
     finally:
         sandbox.check_sandbox.cache_clear()
+
+
+PLOT_FROM_THE_TABLE = """import os
+import pandas as pd
+import matplotlib.pyplot as plt
+assert os.getuid() == 65534, "runs as nobody"
+df = pd.read_excel('table.xlsx')
+plt.figure(figsize=(6, 4))
+plt.bar(['a', 'b', 'c'], [1.5, 2.25, 3])
+plt.title('Employment by sector $x^2$'); plt.xlabel('sector'); plt.ylabel('persons'); plt.legend(['2020'])
+plt.tight_layout()
+plt.savefig('chart.png')
+plt.show()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox becomes nobody only when it runs as root")
+def test_the_sandbox_works_from_a_clone_in_a_private_home(tmp_path):
+    """root's home is 0700, so a clone there keeps its venv and package out of nobody's reach. Built here as
+    a venv in a 0700 folder whose packages link to ours (nobody cannot follow links out of that folder)."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    home = tmp_path / "root-home"
+    home.mkdir(mode=0o700)
+    venv = home / "clone" / ".venv"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(("__editable__", "hpc_rerun")):
+            (site / entry.name).symlink_to(entry)
+    (site / "hpc_rerun").symlink_to(Path(__file__).resolve().parent.parent / "hpc_rerun")
+    unreachable = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-r",
+                                  str(site / "pandas" / "__init__.py")])
+    assert unreachable.returncode != 0, "the set-up must really hide the packages from nobody"
+    xlsx = MINI / "data" / "tables" / "employment-table01.xlsx"
+    probe = ("import json, sys; from pathlib import Path; from hpc_rerun.sandbox import run_plot_code; "
+             "run = run_plot_code(sys.stdin.read(), Path(sys.argv[1]), 'employment-table01'); "
+             "print(json.dumps([run.ok, run.y_values, run.error]))")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe, str(xlsx)], input=PLOT_FROM_THE_TABLE,
+                         capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"]})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [True, [1.5, 2.25, 3.0], None]
