@@ -9,11 +9,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from hpc_rerun import tables as tables_module
 from hpc_rerun.benchmark import Task
-from hpc_rerun.engine import TABLE_SLOT, Engine, PromptTooLong
+from hpc_rerun.engine import TABLE_SLOT, Engine, PromptTooLong, Request
 from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text
 from hpc_rerun.shards import ShardSpec, read_records, records_path
 from hpc_rerun.tables import TableCache
@@ -74,6 +75,11 @@ def test_prompt_ids_are_the_processors_ids_of_the_cut_text(tmp_path, engine, mod
             expected = engine._process([request])["input_ids"][0].tolist()
             assert request.prompt.input_ids.tolist() == expected, (budget, request.cut.rule)
             assert request.prompt_tokens == len(expected) <= budget
+            if image is not None and budget == 1024:  # patches and 3-D rope positions as the processor's too
+                reference = engine._prompt(Request(request.text, image, request.generation))
+                assert torch.equal(request.prompt.positions, reference.positions)
+                assert torch.equal(request.prompt.pixel_values, reference.pixel_values)
+                assert torch.equal(request.prompt.image_grid_thw, reference.image_grid_thw)
             seen_rules.add(request.cut.rule)
     assert seen_rules == {None, "lines", "tokens"}
 
