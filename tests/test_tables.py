@@ -68,7 +68,8 @@ def test_prompt_ids_are_the_processors_ids_of_the_cut_text(tmp_path, engine, mod
     image = Image.new("RGB", (320, 256), "white") if modality == "mix" else None
     message = build_prompt_text(TASK, modality, "html", TABLE_SLOT, DEFAULT_PROMPTS)
     seen_rules = set()
-    for text in (html_table(3000), long_line_table(8, 20_000), "a,b\n\n1,2\n3,4\n" * 50):
+    for text in (html_table(3000), long_line_table(8, 20_000), "a,b\n\n1,2\n3,4\n" * 50,
+                 "| Región — 就业人数 | Émploi 12,5 € |\n" * 400):
         table = table_of(tmp_path, text, engine)
         for budget in (10**7, max(table.tokens // 2, 1024), max(table.tokens // 6, 1024), 1024):
             request = engine.prepare(message, image, {"max_new_tokens": 8}, budget, table)
