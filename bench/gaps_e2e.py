@@ -34,7 +34,7 @@ from gpu_throughput import build_and_save
 from hpc_rerun import worker as worker_module
 from hpc_rerun.benchmark import Config, load_tasks
 from hpc_rerun.engine import GPU_MEMORY_ENV, Engine
-from hpc_rerun.plan import CalibratedCosts, RunSettings, pack_shards, write_run
+from hpc_rerun.plan import RunnableCosts, RunSettings, pack_shards, write_run
 from hpc_rerun.project import Project
 from hpc_rerun.scan import scan_tree
 from hpc_rerun.shards import ShardSpec, read_records, records_path
@@ -223,10 +223,10 @@ def main() -> None:
     tasks = load_tasks(task_list)
     report_scan = scan_tree(tree, tasks, task_list, data)
     project = Project()
-    start = time.perf_counter()
-    costs = CalibratedCosts(report_scan, project.variant, str(model_dir)).runnable_costs()
-    report["plan_s"] = round(time.perf_counter() - start, 1)
     generation = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}  # the model's own, else
+    start = time.perf_counter()
+    costs = RunnableCosts(report_scan, project.variant, str(model_dir), generation).costs()
+    report["plan_s"] = round(time.perf_counter() - start, 1)
     run_dir = write_run(args.work / "logs", report_scan, pack_shards(costs, 1), RunSettings(
         model=str(model_dir), generation=generation), project.variant, {})
     spec_path = run_dir / "attempt-1" / "shard-0000.json"

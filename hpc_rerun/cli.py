@@ -244,29 +244,31 @@ def plan(results_root, data_root, task_list, project_file, run_dirs, only, model
          greedy, max_new_tokens, token_budget, logs, run_id, dry_run, as_json, **slurm):
     """Turn the runnable gaps into cost-balanced shards and a run directory logs/<run-id>/.
 
-    Scans first (same inputs as `scan`), estimates each runnable task's GPU seconds (prompt tokens from
-    the model's tokenizer, visual tokens from the image size and the pixel limits, the expected
-    answer length, scaled by the ProcessingTime of the configuration's existing items), and packs
-    tasks of all configurations into shards, longest first. Then `hpc-rerun submit logs/<run-id>`.
+    Scans first (same inputs as `scan`), estimates each runnable task's GPU seconds on this engine
+    (prompt tokens from the model's tokenizer, truncated to the model's context; visual tokens from the
+    image size and the pixel limits; the expected answer length; rates measured on an H200), prints the
+    estimated GPU hours and wall time, and packs tasks of all configurations into shards, longest
+    first. Then `hpc-rerun submit logs/<run-id>`.
     """
-    from .plan import CalibratedCosts, pack_shards, shard_count, write_run
+    from .plan import RunnableCosts, pack_shards, shard_count, write_run
     from .submit import sbatch_preview
 
     slurm_opts = resolve_slurm(slurm)
     project, report = scan_inputs(results_root, data_root, task_list, project_file, run_dirs, only)
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
-    costs = CalibratedCosts(report, project.variant, model).runnable_costs()
+    settings = run_settings(model, prompts, greedy, max_new_tokens, token_budget)
+    costs = RunnableCosts(report, project.variant, model, settings.generation).costs()
     if not costs:
         click.echo("nothing to rerun: no configuration has runnable gaps")
         sys.exit(EXIT_BAD_INPUT if report.problems else 0)
     total = sum(c.seconds for c in costs)
     packed = pack_shards(costs, shard_count(total, len(costs), shards or gpus, target_hours))
-    settings = run_settings(model, prompts, greedy, max_new_tokens, token_budget)
     run_dir = None if dry_run else write_run(logs, report, packed, settings, project.variant, slurm_opts, run_id)
     loads = [sum(c.seconds for c in shard) for shard in packed]
     outline = {"run_dir": str(run_dir) if run_dir else None, "tasks": len(costs), "shards": len(packed),
                "estimated_gpu_hours": round(total / 3600, 2),
+               "estimated_wall_hours": round(max(loads) / 3600, 2),  # the largest shard, each on its own GPU
                "balance_max_over_mean": round(max(loads) / (sum(loads) / len(loads)), 3),
                "shard_table": [{"shard": n, "tasks": len(s), "cost_s": round(l, 1),
                                 "configs": sorted({c.config for c in s})} for n, (s, l) in enumerate(zip(packed, loads))],

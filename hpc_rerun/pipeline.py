@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from .plan import CalibratedCosts, RunSettings, pack_shards, shard_count, write_run
+from .plan import RunnableCosts, RunSettings, pack_shards, shard_count, write_run
 from .scan import ScanReport
 
 
@@ -65,7 +65,7 @@ def run_pipeline(report: ScanReport, variants, settings: RunSettings, *, logs: P
     """Plan, submit, watch, resubmit and merge; returns the run directory (None: nothing to rerun)."""
     from .merge import merge_run
 
-    costs = CalibratedCosts(report, variants, settings.model).runnable_costs()
+    costs = RunnableCosts(report, variants, settings.model, settings.generation).costs()
     if not costs:
         console.print("nothing to rerun: no configuration has runnable gaps")
         return None

@@ -1,8 +1,9 @@
 """plan: turn the runnable gaps into cost-balanced shards and a run directory under logs/.
 
-Cost is an estimate of GPU seconds per task: prefill over the prompt tokens (table text from the
-tokenizer, cached per file; visual tokens from the image header and the pixel limits) plus decoding
-the expected answer, scaled per configuration by the ProcessingTime its existing items took.
+Cost is an estimate of this engine's GPU seconds per task, fitted to what it measured (docs/performance.md):
+the prefill's matrix and causal-attention work over the prompt as the worker will truncate it (table text
+from the tokenizer, cached per file; visual tokens from the image header and the pixel limits; never more
+than the model's context less the new tokens), plus the task's share of its batch's decode steps.
 Shards are packed longest-first onto the least-loaded shard, then improved by moving tasks off the
 most-loaded one. Tasks of all configurations share shards: one model load serves them all.
 """
@@ -14,7 +15,6 @@ import json
 import math
 import os
 import secrets
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,12 +22,19 @@ from .atomic import atomic_write_json, sha256_file
 from .benchmark import FORMATS, IMAGE_DIR, IMAGE_EXT, Config, Task, Variant, load_tasks
 from .scan import ScanReport
 
-PREFILL_S_PER_TOKEN = 1.0e-4  # measured on an H200 at b1 (../shared/notes/gpu-baseline.md)
-DECODE_S_PER_TOKEN = 0.043
+# The packed engine on an H200 with Qwen3-VL-8B (docs/performance.md, gaps_e2e run 4): a long prompt's
+# prefill ran at 595 TFLOP/s counting 2 x parameters per token plus causal attention, a sampled decode step
+# of a batch took 42 ms, and an 80 GB card's batch holds ~368K cache tokens (prompts + new tokens).
+PARAMETERS = 8.77e9
+ATTENTION_FLOP_PER_TOKEN_PAIR = 2 * 32 * 128 * 36  # 2 x heads x head_dim x layers: causal, T^2 pairs
+PREFILL_FLOPS = 595e12
+DECODE_STEP_S = 0.042
+BATCH_CACHE_TOKENS = 368_000
 OVERHEAD_S = 0.2
+DEFAULT_CONTEXT = 262_144  # Qwen3-VL-8B's max_position_embeddings, when the model's config cannot be read
 EXPECTED_OUTPUT_TOKENS = {"Visualization": 400, "Data Analysis": 160}
 DEFAULT_OUTPUT_TOKENS = 64
-BYTES_PER_TOKEN = 3.3  # for calibration only, where tokenizing every existing item would cost minutes
+BYTES_PER_TOKEN = 3.3  # where the model's tokenizer cannot be loaded here
 
 
 @dataclass
@@ -45,9 +52,13 @@ class TaskCost:
 class CostModel:
     """Estimates seconds per task; token counts are cached per table file."""
 
-    def __init__(self, data_root: Path, tokenizer=None):
+    def __init__(self, data_root: Path, tokenizer=None, generation: dict | None = None, context: int = DEFAULT_CONTEXT):
         self.data_root = Path(data_root)
         self.tokenizer = tokenizer
+        generation = generation or {}
+        self.max_new_tokens = int(generation.get("max_new_tokens") or 4096)
+        self.min_new_tokens = int(generation.get("min_new_tokens") or 0)
+        self.context = context
         self._text_tokens: dict[str, int] = {}
         self._image_sizes: dict[str, tuple[int, int] | None] = {}
 
@@ -93,48 +104,42 @@ class CostModel:
         return tokens
 
     def seconds(self, task: Task, prompt_tokens: int) -> float:
-        output = EXPECTED_OUTPUT_TOKENS.get(task.question_type, DEFAULT_OUTPUT_TOKENS)
-        return OVERHEAD_S + prompt_tokens * PREFILL_S_PER_TOKEN + output * DECODE_S_PER_TOKEN
+        """Prefill of the prompt as truncated, plus the task's share of its batch's decode steps: a prompt
+        that fills most of a batch's cache pays for all of them, a short one for its part."""
+        prompt = min(prompt_tokens, self.context - self.max_new_tokens)
+        prefill = (2 * PARAMETERS * prompt + ATTENTION_FLOP_PER_TOKEN_PAIR * prompt**2) / PREFILL_FLOPS
+        output = min(self.max_new_tokens, max(self.min_new_tokens,
+                                              EXPECTED_OUTPUT_TOKENS.get(task.question_type, DEFAULT_OUTPUT_TOKENS)))
+        share = (prompt + self.max_new_tokens) / BATCH_CACHE_TOKENS
+        return OVERHEAD_S + prefill + output * DECODE_STEP_S * (1.0 if share > 0.5 else share)
 
 
-class CalibratedCosts:
-    """Cost of every runnable task of a scan, calibrated per configuration on its existing items."""
+def model_context(model_path: str | None) -> int:
+    """The model's positions (text_config.max_position_embeddings in its config.json)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        return int((config.get("text_config") or config)["max_position_embeddings"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return DEFAULT_CONTEXT
 
-    def __init__(self, report: ScanReport, variants, model_path: str | None):
+
+class RunnableCosts:
+    """The estimated cost of every runnable task of a scan, for the run's generation settings."""
+
+    def __init__(self, report: ScanReport, variants, model_path: str | None, generation: dict):
         self.report = report
         self.variants = variants
-        self.model = CostModel(report.data_root, load_tokenizer(model_path))
+        self.model = CostModel(report.data_root, load_tokenizer(model_path), generation, model_context(model_path))
         self.tasks = load_tasks(report.task_list)
 
-    def scale(self, scan) -> float:
-        """Median of ProcessingTime / estimate over up to 400 existing successes (byte-based tokens)."""
-        if scan.result_file is None:
-            return 1.0
-        from .results import item_ok, load_result_file
-
-        proxy = CostModel(self.report.data_root)  # no tokenizer: cheap over thousands of items
-        ratios = []
-        for item in load_result_file(scan.result_file).items[:400]:
-            task, seconds = self.tasks.get(item["id"]), item.get("ProcessingTime")
-            if task is None or not item_ok(item) or not isinstance(seconds, (int, float)) or seconds <= 0:
-                continue
-            try:
-                tokens = proxy.prompt_tokens(task, scan.config, self.variants(scan.config.variant))
-            except OSError:
-                continue
-            ratios.append(seconds / proxy.seconds(task, tokens))
-        return statistics.median(ratios) if len(ratios) >= 10 else 1.0
-
-    def runnable_costs(self) -> list[TaskCost]:
+    def costs(self) -> list[TaskCost]:
         costs = []
         for scan in self.report.configs:
-            if not scan.runnable:
-                continue
-            scale, variant = self.scale(scan), self.variants(scan.config.variant)
+            variant = self.variants(scan.config.variant)
             for task_id in scan.runnable:
                 task = self.tasks[task_id]
                 tokens = self.model.prompt_tokens(task, scan.config, variant)
-                costs.append(TaskCost(scan.config.name, task_id, tokens, self.model.seconds(task, tokens) * scale))
+                costs.append(TaskCost(scan.config.name, task_id, tokens, self.model.seconds(task, tokens)))
         return costs
 
 

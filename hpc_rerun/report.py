@@ -77,7 +77,8 @@ def print_plan(outline: dict, dry_run: bool, console: Console | None = None) -> 
     console = console or Console()
     if not console.is_terminal:
         console.width = 160
-    title = f"plan: {outline['tasks']} tasks in {outline['shards']} shards, ~{outline['estimated_gpu_hours']} GPU h"
+    title = (f"plan: {outline['tasks']} tasks in {outline['shards']} shards, ~{outline['estimated_gpu_hours']} GPU h, "
+             f"~{outline['estimated_wall_hours']} h wall with a GPU per shard (this engine's H200 rates)")
     table = Table(title=title + (" (dry run: nothing written)" if dry_run else ""))
     for column in ("shard", "tasks", "est. seconds", "configurations"):
         table.add_column(column, justify="left" if column == "configurations" else "right")
@@ -105,13 +106,13 @@ def status_view(run_dir, statuses, totals: dict):
     from rich.progress_bar import ProgressBar
 
     table = Table(title=f"status of {run_dir}")
-    for column in ("attempt", "shard", "job", "state", "done", "errors"):
+    for column in ("attempt", "shard", "job", "state", "done", "errors", "predicted", "actual"):
         table.add_column(column, justify="left" if column in ("job", "state") else "right")
     colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}
     for s in statuses:
         colour = colours.get(s.state, "red")
         table.add_row(str(s.attempt), str(s.shard), s.job_id or "-", f"[{colour}]{s.state}[/{colour}]",
-                      f"{s.done}/{s.total}", str(s.errors))
+                      f"{s.done}/{s.total}", str(s.errors), _duration(s.predicted_s), _duration(s.actual_s))
     rate = totals["rate_tasks_per_s"]
     line = Table.grid(padding=(0, 2))
     line.add_row(ProgressBar(total=max(totals["total"], 1), completed=totals["done"], width=40),

@@ -15,9 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .benchmark import Config, Variant, load_tasks
-from .plan import CostModel, TaskCost, attempt_entry, load_plan, pack_shards, save_plan
+from .plan import CostModel, TaskCost, attempt_entry, load_plan, model_context, pack_shards, save_plan
 from .shards import ShardSpec
-from .status import ACTIVE, ShardStatus, gather, task_records
+from .status import ACTIVE, ShardStatus, cost_scale, gather, task_records
 
 SLOW_STATES = {"TIMEOUT", "LOST", "NODE_FAIL", "PREEMPTED", "DEADLINE"}
 RETRYABLE_ERRORS = {"oom_text", "oom_image", "format_failure", "timeout", "node_failure", "other"}
@@ -75,12 +75,13 @@ def plan_resubmission(run_dir: Path, statuses: list[ShardStatus], retry_errors: 
     return list(rerun.values()), options
 
 
-def write_attempt(run_dir: Path, entries: list[dict], n_shards: int, options: dict) -> int:
-    """Pack the entries into shards of a new attempt (specs + plan.json); returns the attempt number."""
+def write_attempt(run_dir: Path, entries: list[dict], n_shards: int, options: dict, scale: float = 1.0) -> int:
+    """Pack the entries into shards of a new attempt (specs + plan.json); returns the attempt number.
+    ``scale`` re-fits the cost model to what the shards that completed measured."""
     plan = load_plan(run_dir)
     template = ShardSpec.read(run_dir / plan["attempts"][0]["shards"][0]["spec"])
     tasks = load_tasks(template.task_list)
-    model = CostModel(Path(template.data_root))
+    model = CostModel(Path(template.data_root), generation=template.generation, context=model_context(template.model))
     costs = []
     for entry in entries:
         task = tasks[entry["id"]]
@@ -91,7 +92,7 @@ def write_attempt(run_dir: Path, entries: list[dict], n_shards: int, options: di
         except OSError:
             tokens = 0
         overrides = {k: v for k, v in entry.items() if k not in ("config", "id")}
-        costs.append(TaskCost(entry["config"], entry["id"], tokens, model.seconds(task, tokens), overrides))
+        costs.append(TaskCost(entry["config"], entry["id"], tokens, model.seconds(task, tokens) * scale, overrides))
     shards = pack_shards(costs, n_shards)
     attempt = len(plan["attempts"]) + 1
     specs = []
@@ -100,7 +101,8 @@ def write_attempt(run_dir: Path, entries: list[dict], n_shards: int, options: di
                             "tasks": [c.entry() for c in shard]})
         specs.append(spec.write(run_dir))
     causes = options.pop("_causes", [])
-    plan["attempts"].append(attempt_entry(attempt, shards, specs, run_dir, causes=causes, slurm=options))
+    plan["attempts"].append(attempt_entry(attempt, shards, specs, run_dir, causes=causes, slurm=options,
+                                          cost_scale=round(scale, 4)))
     save_plan(run_dir, plan)
     return attempt
 
@@ -117,5 +119,6 @@ def resubmit(run_dir: Path, retry_errors: bool = False, partition: str | None = 
     ended = [s for s in statuses if s.needs_rerun]
     slow = any(s.state in SLOW_STATES for s in ended)
     n_shards = n_shards or max(1, len(ended)) * (2 if slow else 1)
-    attempt = write_attempt(run_dir, entries, n_shards, options)
+    previous = load_plan(run_dir)["attempts"][-1].get("cost_scale", 1.0)
+    attempt = write_attempt(run_dir, entries, n_shards, options, cost_scale(statuses) or previous)
     return attempt, entries, options

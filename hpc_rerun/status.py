@@ -35,6 +35,8 @@ class ShardStatus:
     first_start: str | None
     last_end: str | None
     open: int  # its tasks that no attempt (this one or a later) has answered yet
+    predicted_s: float | None = None  # the plan's estimate of its GPU seconds
+    actual_s: float | None = None  # from its first task's start to its last task's end
 
     @property
     def missing(self) -> int:
@@ -168,8 +170,24 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
                 state=state, total=shard["tasks"], done=len(keys),
                 errors=sum(1 for r in records if str(r.get("Prediction", "")).startswith("[ERROR]")),
                 first_start=min(starts) if starts else None, last_end=max(ends) if ends else None, open=open_tasks,
+                predicted_s=shard.get("cost_s"), actual_s=_span(starts, ends),
             ))
     return statuses
+
+
+def _span(starts: list[str], ends: list[str]) -> float | None:
+    if not starts or not ends:
+        return None
+    return (dt.datetime.fromisoformat(max(ends)) - dt.datetime.fromisoformat(min(starts))).total_seconds()
+
+
+def cost_scale(statuses: list[ShardStatus]) -> float | None:
+    """Measured over predicted seconds of the shards that completed: how far the cost model is off here
+    (another card, other answers' lengths); None before any shard has completed."""
+    done = [s for s in statuses if s.state == "COMPLETED" and s.predicted_s and s.actual_s]
+    if not done:
+        return None
+    return sum(s.actual_s for s in done) / sum(s.predicted_s for s in done)
 
 
 def task_records(run_dir: Path) -> dict[tuple[str, int], dict]:

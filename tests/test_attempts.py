@@ -84,3 +84,26 @@ def test_resubmit_and_cancel_without_slurm_say_so(gappy_benchmark, tiny_model_di
         assert proc.returncode == 3, (command, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr and "not on PATH" in proc.stderr, proc.stderr
     assert "scancel" in cli("cancel", run_dir, check=False, env=env).stderr
+
+
+def test_status_shows_predicted_and_actual_and_resubmit_refits_the_cost_model(gappy_benchmark, tiny_model_dir):
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 2)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    predicted = plan["attempts"][0]["shards"][0]["cost_s"]
+    spec_path = run_dir / plan["attempts"][0]["shards"][0]["spec"]
+    with open(records_path(spec_path), "w") as out:  # shard 0 answered everything within 40 s
+        for number, task in enumerate(ShardSpec.read(spec_path).tasks):
+            end = "2026-12-01T10:00:10" if number == 0 else "2026-12-01T10:00:40"
+            out.write(json.dumps({"id": task["id"], "Prediction": "Yes", "Metrics": {}, "provenance": {
+                "config": task["config"], "attempt": 1, "start": "2026-12-01T10:00:00", "end": end}}) + "\n")
+    end_attempt(run_dir, 1, "FAILED")
+    state_file = run_dir / "attempt-1" / "local-state.json"
+    states = json.loads(state_file.read_text())
+    states["0"]["state"] = "COMPLETED"
+    atomic_write_json(state_file, states)
+    shown = json.loads(cli("status", run_dir, "--json", check=False).stdout)["shards"]
+    assert shown[0]["predicted_s"] == predicted and shown[0]["actual_s"] == 40.0
+    assert shown[1]["actual_s"] is None
+    cli("resubmit", run_dir, "--no-submit")
+    second = json.loads((run_dir / "plan.json").read_text())["attempts"][1]
+    assert second["cost_scale"] == round(40.0 / predicted, 4), "re-fitted on the shard that completed"
