@@ -28,19 +28,36 @@ def blocked_ancestor(path: str) -> str | None:
     return None
 
 
+def python_paths() -> set[str]:
+    """Where this Python and its packages are: prefixes, sys.path, and where links in those folders lead."""
+    roots = [p for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path] if p and os.path.exists(p)]
+    found = {os.path.realpath(p) for p in roots}
+    for root in roots:
+        if os.path.isdir(root):
+            with os.scandir(root) as entries:
+                found |= {os.path.realpath(e.path) for e in entries if e.is_symlink() and os.path.exists(e.path)}
+    return found
+
+
 def expose_python() -> None:
-    needed = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path]
-              if p and os.path.exists(p)}
+    needed = python_paths()
     needed = sorted(p for p in needed if blocked_ancestor(p) and not p == blocked_ancestor(p))
     staging = os.path.join(os.path.dirname(work_dir), "expose")
     covers = sorted({blocked_ancestor(p) for p in needed})
+    def mount_point(path: str, like: str) -> None:  # a bind mount needs a file for a file, a folder for a folder
+        if os.path.isdir(like):
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "a").close()
+
     for number, path in enumerate(needed):
-        os.makedirs(f"{staging}/{number}")
+        mount_point(f"{staging}/{number}", path)
         subprocess.run(["mount", "--bind", path, f"{staging}/{number}"], check=True)
     for cover in covers:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", cover], check=True)
     for number, path in enumerate(needed):
-        os.makedirs(path, exist_ok=True)
+        mount_point(path, f"{staging}/{number}")
         subprocess.run(["mount", "--bind", f"{staging}/{number}", path], check=True)
         subprocess.run(["mount", "-o", "remount,bind,ro", path], check=True)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -87,11 +90,20 @@ def test_second_start_is_harmless(slurm_cluster):
 
 
 def test_start_without_root_says_so(tmp_path):
-    proc = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "bash", str(DEV_CLUSTER), "start"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "HPC_RERUN_SLURM_DIR": str(tmp_path)},
-    )
-    assert proc.returncode == 1
+    # A copy nobody can read: the clone may sit in a private home (/root is 0700), and so does pytest's tmp_path.
+    readable = Path(tempfile.mkdtemp(prefix="hpc-rerun-dev-cluster-"))
+    try:
+        readable.chmod(0o755)
+        script = readable / "dev-cluster"
+        shutil.copy(DEV_CLUSTER, script)
+        script.chmod(0o755)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "bash", str(script), "start"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "HPC_RERUN_SLURM_DIR": str(tmp_path)},
+        )
+    finally:
+        shutil.rmtree(readable)
+    assert proc.returncode == 1, proc.stderr
     assert "must run as root" in proc.stderr
 
 
