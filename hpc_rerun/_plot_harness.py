@@ -40,10 +40,14 @@ def python_paths() -> set[str]:
 
 
 def expose_python() -> None:
-    needed = python_paths()
-    needed = sorted(p for p in needed if blocked_ancestor(p) and not p == blocked_ancestor(p))
+    needed = sorted(p for p in python_paths() if blocked_ancestor(p) and p != blocked_ancestor(p))
     staging = os.path.join(os.path.dirname(work_dir), "expose")
     covers = sorted({blocked_ancestor(p) for p in needed})
+    for cover in covers:
+        if work_dir.startswith(cover + os.sep):
+            sys.exit(f"the sandbox folder {work_dir} is inside {cover}, which this Python is hidden in from "
+                     "nobody; set TMPDIR to a folder outside it")
+
     def mount_point(path: str, like: str) -> None:  # a bind mount needs a file for a file, a folder for a folder
         if os.path.isdir(like):
             os.makedirs(path, exist_ok=True)
