@@ -144,7 +144,8 @@ class Engine:
         self.tokenizer = self.processor.tokenizer
         # Prompts are processed in parallel (tokenizer and image processor release the GIL for most of it):
         # the first batch's processing is time the GPU waits.
-        self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="encode")
+        self.encoding_threads = min(8, os.cpu_count() or 1)
+        self._encoders = ThreadPoolExecutor(max_workers=self.encoding_threads, thread_name_prefix="encode")
         self.packed = PackedGenerator(self.model, prefill_tokens or (PREFILL_TOKENS if self.device.type == "cuda"
                                                                      else CPU_PREFILL_TOKENS))
 
@@ -211,7 +212,7 @@ class Engine:
         budget = batch_tokens or budget
         new_tokens = 0 if padded else self.sampling(generation).max_new_tokens
         most = MAX_BATCH if padded else MAX_PACKED_BATCH
-        lookahead = LOOKAHEAD_PER_THREAD * self._encoders._max_workers
+        lookahead = LOOKAHEAD_PER_THREAD * self.encoding_threads
         waiting, pending = deque(items), deque()
 
         def top_up() -> None:
@@ -260,15 +261,13 @@ class Engine:
         room = budget - around - JOIN_SLACK
         for _ in range(3):  # the joins can differ from the parts by a token or two: shrink and compose again
             if room < 0:
-                break
+                raise PromptTooLong(full, budget)
             cut = table.cut(room, lambda marker: len(self._tokens(marker)))
             ids = self._compose(prefix, cut, suffix)
             if len(ids) <= budget:
                 break
             room -= len(ids) - budget
         else:
-            raise PromptTooLong(full, budget)
-        if room < 0:
             raise PromptTooLong(full, budget)
         request = Request(text.replace(TABLE_SLOT, cut.text()), image, generation, prompt_tokens=len(ids),
                           extras={"full_tokens": full}, cut=cut)

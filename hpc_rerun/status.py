@@ -139,7 +139,9 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
     plan = load_plan(run_dir)
     slurm_ids = [j for a in plan["attempts"] if a.get("executor") == "slurm" for j in a.get("jobs", {}).values()]
     sacct, squeue, sacct_ok = slurm_states(slurm_ids)
-    answered = set(task_records(run_dir))
+    records_of = {shard["spec"]: read_records((run_dir / shard["spec"]).with_suffix(".jsonl"))
+                  for attempt in plan["attempts"] for shard in attempt["shards"]}
+    answered = {((r.get("provenance") or {}).get("config"), r.get("id")) for rs in records_of.values() for r in rs}
     statuses = []
     for attempt in plan["attempts"]:
         submitted = dt.datetime.fromisoformat(attempt["submitted"]) if attempt.get("submitted") else None
@@ -157,7 +159,7 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
                                   else "LOST")
             else:
                 state = "PLANNED"
-            records = read_records(shard_file)
+            records = records_of[shard["spec"]]
             keys = {(r.get("provenance", {}).get("config"), r.get("id")) for r in records}
             if state in ("LOST", "ENDED") and len(keys) >= shard["tasks"]:
                 state = "COMPLETED"  # the scheduler lost track, the shard file has every answer

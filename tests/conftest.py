@@ -8,9 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from hpc_rerun.benchmark import Config, load_tasks
+from hpc_rerun.synthetic import make_item, write_result_file
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
+MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +52,26 @@ def no_slurm_path(tmp_path, monkeypatch):
             (bin_dir / tool).symlink_to(found)
     monkeypatch.setenv("PATH", str(bin_dir))
     return bin_dir
+
+
+@pytest.fixture
+def gappy_benchmark(tmp_path):
+    """The mini benchmark with rendered images and a text_json result file missing 10 runnable tasks."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for folder in (MINI / "data").iterdir():
+        (data / folder.name).symlink_to(folder)
+    (data / "image").mkdir()
+    tasks = load_tasks(MINI / "QA_mini.json")
+    for name in {t.file_name for t in tasks.values()}:
+        Image.new("RGB", (320, 240), "white").save(data / "image" / f"{name}.png")
+    ids = sorted(tasks)
+    results = tmp_path / "results"
+    present = ids[:27]
+    write_result_file(results / "qwen3vl_text" / "text_json" / "results.json", "b", Config.parse("x/text_json"),
+                      [make_item(tasks[i], "old answer") for i in present])
+    return {"results": results, "data": data, "tasks": MINI / "QA_mini.json", "logs": tmp_path / "logs",
+            "runnable": [i for i in ids[27:] if i not in (2960, 2961, 2962)]}  # society-table10_swap.json is missing
 
 
 def max_overlap(intervals) -> int:

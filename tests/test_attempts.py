@@ -12,9 +12,7 @@ from hpc_rerun.shards import ShardSpec, records_path
 from hpc_rerun.status import gather, summary
 from hpc_rerun.submit import record_submission
 
-from .test_runs import cli, gappy_benchmark, plan_run  # noqa: F401 - the fixture is used by name
-
-__all__ = ["gappy_benchmark"]
+from .test_runs import cli, plan_run
 
 
 def dead_pid() -> int:

@@ -15,15 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from hpc_rerun.benchmark import Config, load_tasks
 from hpc_rerun.plan import TaskCost, pack_shards
-from hpc_rerun.synthetic import make_item, write_result_file
 
 from .conftest import max_overlap
 
-MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 HPC_RERUN = [sys.executable, "-m", "hpc_rerun.cli"]
 PROFILE = Path(__file__).parent.parent / "slurm" / "profiles" / "dev-cluster.toml"
 
@@ -48,26 +44,6 @@ def wait_until(predicate, limit_s: float, what: str):
             return value
         time.sleep(1)
     pytest.fail(f"timed out after {limit_s:.0f} s waiting for {what}")
-
-
-@pytest.fixture
-def gappy_benchmark(tmp_path):
-    """The mini benchmark with rendered images and a text_json result file missing 10 runnable tasks."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for folder in (MINI / "data").iterdir():
-        (data / folder.name).symlink_to(folder)
-    (data / "image").mkdir()
-    tasks = load_tasks(MINI / "QA_mini.json")
-    for name in {t.file_name for t in tasks.values()}:
-        Image.new("RGB", (320, 240), "white").save(data / "image" / f"{name}.png")
-    ids = sorted(tasks)
-    results = tmp_path / "results"
-    present = ids[:27]
-    write_result_file(results / "qwen3vl_text" / "text_json" / "results.json", "b", Config.parse("x/text_json"),
-                      [make_item(tasks[i], "old answer") for i in present])
-    return {"results": results, "data": data, "tasks": MINI / "QA_mini.json", "logs": tmp_path / "logs",
-            "runnable": [i for i in ids[27:] if i not in (2960, 2961, 2962)]}  # society-table10_swap.json is missing
 
 
 def plan_run(bench, tiny_model_dir, shards: int, *extra) -> Path:
