@@ -15,7 +15,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 from PIL import Image
 
-from .packed import PackedGenerator, Prompt, Sampling, kv_bytes_per_token
+from .packed import PackedGenerator, Prompt, Sampling, Sharing, kv_bytes_per_token
 from .tables import TableCut, TokenizedTable
 
 PATCH = 16  # Qwen3-VL vision patch size (qwen_vl_utils' default of 14 is Qwen2's)
@@ -206,8 +206,9 @@ class Engine:
                        ) -> Iterator[list[T]]:
         """Batches as their prompts become ready. ``prepare`` runs on the encoding threads, a few items
         ahead and in the items' order, while the caller runs the batch before on the GPU; a batch closes
-        when the next prompt would not fit it (prompt + new tokens of the cache budget, or padded rows
-        for HF generate). An item whose prompt cannot be made goes to ``failed`` and the rest go on."""
+        when the next prompt would not fit it (prompt + new tokens of the cache budget, less what it shares
+        with an earlier prompt of the batch; or padded rows for HF generate). An item whose prompt cannot be
+        made goes to ``failed`` and the rest go on."""
         budget, padded = self.batch_budget(generation, self.token_budget(generation, total_gib), total_gib)
         budget = batch_tokens or budget
         new_tokens = 0 if padded else self.sampling(generation).max_new_tokens
@@ -222,6 +223,7 @@ class Engine:
 
         top_up()
         batch, longest, total = [], 0, 0
+        sharing = Sharing(self.model.config.image_token_id)
         while pending:
             item, future = pending.popleft()
             top_up()
@@ -231,23 +233,36 @@ class Engine:
                 failed(item, err)
                 continue
             tokens = request.prompt_tokens + new_tokens
-            cost = (len(batch) + 1) * max(longest, tokens) if padded else total + tokens
+            share = None if padded else self._shares(sharing, request)
+            cost = (len(batch) + 1) * max(longest, tokens) if padded else total + tokens - (share[1] if share else 0)
             if batch and (cost > budget or len(batch) >= most):
                 yield batch
                 batch, longest, total = [], 0, 0
+                sharing = Sharing(self.model.config.image_token_id)
+                share = None if padded else self._shares(sharing, request)
             batch.append(item)
-            longest, total = max(longest, tokens), total + tokens
+            longest, total = max(longest, tokens), total + tokens - (share[1] if share else 0)
         if batch:
             yield batch
 
+    def _shares(self, sharing: Sharing, request: Request) -> tuple[int, int] | None:
+        """What the generator will take for this prompt from an earlier one of its batch (the same rule)."""
+        if not self.packed.share_prefixes or request.prompt is None:
+            return None
+        return sharing.add(request.prompt)
+
     def prepare(self, text: str, image: Image.Image | None, generation: dict, budget: int,
-                table: TokenizedTable | None = None) -> Request:
+                table: TokenizedTable | None = None, share_key: object = None, suffix_room: int = 0) -> Request:
         """A request with its prompt ids made, within ``budget`` tokens. ``text`` holds ``TABLE_SLOT``
         where ``table`` goes; the table is cut to fit (see tables.py) and its ids are composed from its
-        one tokenisation. Raises PromptTooLong when even the prompt around the table does not fit."""
+        one tokenisation. The cut leaves room after the table for ``suffix_room`` tokens if that is more
+        than this prompt's own (``suffix_tokens``): tasks that differ only after the table (one table and
+        question type) then cut it alike, and with equal ``share_key`` the generator prefills their common
+        beginning once. Raises PromptTooLong when even the prompt around the table does not fit."""
         if table is None or TABLE_SLOT not in text:
             request = Request(text.replace(TABLE_SLOT, ""), image, generation)
             request.prompt = self._prompt(request)
+            request.prompt.share_key = share_key
             request.prompt_tokens = request.extras["full_tokens"] = request.prompt.length
             if request.prompt_tokens > budget:
                 raise PromptTooLong(request.prompt_tokens, budget)
@@ -256,8 +271,9 @@ class Engine:
         prefix, suffix = rendered.split(TABLE_SLOT)
         image_inputs = self._image_inputs(image)
         prefix = self._expand_image(prefix, image_inputs)
-        around = len(self._tokens(prefix)) + len(self._tokens(suffix))
-        full = around + table.tokens
+        suffix_tokens = len(self._tokens(suffix))
+        full = len(self._tokens(prefix)) + suffix_tokens + table.tokens
+        around = full - table.tokens + max(suffix_room - suffix_tokens, 0)
         room = budget - around - JOIN_SLACK
         for _ in range(3):  # the joins can differ from the parts by a token or two: shrink and compose again
             if room < 0:
@@ -272,7 +288,15 @@ class Engine:
         request = Request(text.replace(TABLE_SLOT, cut.text()), image, generation, prompt_tokens=len(ids),
                           extras={"full_tokens": full}, cut=cut)
         request.prompt = self._prompt_from_ids(ids, image_inputs)
+        request.prompt.share_key = share_key
         return request
+
+    def suffix_tokens(self, text: str, image: Image.Image | None) -> int:
+        """Tokens of the prompt after ``TABLE_SLOT`` (the question and the chat template's end): what
+        ``prepare``'s ``suffix_room`` is counted in."""
+        if TABLE_SLOT not in text:
+            return 0
+        return len(self._tokens(self._render(Request(text, image, {})).split(TABLE_SLOT)[1]))
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

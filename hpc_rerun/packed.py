@@ -6,6 +6,10 @@ Here each sequence owns a contiguous region of one preallocated K/V pool: prefil
 one row (long ones in pieces), decode sends one token per sequence, and attention reads each region in place
 (flash-attention's varlen kernel on a GPU, a per-sequence SDPA loop elsewhere). The model's own
 modules do everything else; only the attention function is swapped, for the duration of a call.
+
+Prompts that begin alike (tasks of one configuration, table and question type: every token up to the
+question) share those keys: the first such prompt of a batch is prefilled whole, the others only from where
+they differ, attending to its region for the rest, and their regions hold only their own keys.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ BEAM_ONLY = {"length_penalty", "early_stopping"}  # shape beam scores; nothing w
 DONE_CHECK_EVERY = 8  # decode steps between host checks for "all finished" (each check syncs)
 KEY_PIECE = 2048  # keys per piece of decode attention (KeySplit) ...
 MAX_KEY_PIECES = 64  # ... and at most this many pieces per sequence (longer pieces beyond 128K keys)
+SHARE_MIN_TOKENS = 1024  # a common beginning shorter than this is prefilled again (not worth a second pass)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Prompt:
     positions: torch.Tensor  # [3, L]
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None  # [1, 3]
+    share_key: object = None  # prompts with equal keys may begin alike (checked token by token: Sharing)
 
     @property
     def length(self) -> int:
@@ -154,7 +160,10 @@ class Sampling:
             drop = probs < self.min_p * probs.amax(-1, keepdim=True)
             drop.scatter_(-1, probs.argmax(-1, keepdim=True), False)
             logits = logits.masked_fill(drop, float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+        # torch.multinomial's own way for one sample (the same draws for the same seed), without its
+        # host-side validity check: that check syncs every step and cannot be captured in a CUDA graph.
+        probs = logits.softmax(-1)
+        return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
 @functools.cache
@@ -168,7 +177,9 @@ class Layout:
 
     ``cu_q``: offsets of each sequence's new tokens in the packed row; ``starts``: each sequence's
     region in the pool (plus one end, as varlen kernels want); ``used``: keys each sequence attends to
-    after this pass's tokens are written. Host copies serve the fallback loop without device syncs.
+    in its region after this pass's tokens are written. A sequence that shares its beginning with another
+    attends first to ``shared_used`` keys from ``shared_starts`` (the other's region; prefill passes hold
+    only such sequences, or none). Host copies serve the fallback loop without device syncs.
     """
 
     pool: torch.Tensor  # [layers, 2, capacity, kv_heads, head_dim]
@@ -182,6 +193,11 @@ class Layout:
     host_starts: list[int]
     host_used: list[int] | None  # None while decoding: read from ``used`` when needed
     split: KeySplit | None = None  # decoding: each sequence's keys in pieces
+    shared_starts: torch.Tensor | None = None  # prefill of sequences that share a beginning (plus one end)
+    shared_used: torch.Tensor | None = None
+    max_shared: int = 0
+    host_shared_starts: list[int] | None = None
+    host_shared_used: list[int] | None = None
 
 
 class KeySplit:
@@ -189,26 +205,74 @@ class KeySplit:
 
     Why: at one query token per sequence the kernel gives each (sequence, K/V head) one thread block,
     so a 16K-token sequence is read by 8 blocks while the rest of the GPU idles. Cut into pieces of
-    ``size`` keys, each piece is its own varlen entry and the reads spread over the whole chip. All
+    ``size`` keys, each piece is its own varlen entry and the reads spread over the whole chip. A shared
+    beginning is simply more pieces (in the other sequence's region), ahead of the sequence's own. All
     tensors keep their shapes from step to step (a CUDA graph replays them); ``update`` refreshes them.
     """
 
-    def __init__(self, region_starts: torch.Tensor, max_k: int, size: int, capacity: int):
-        n = region_starts.shape[0]
+    def __init__(self, own_starts: list[int], own_keys: int, shared_starts: list[int], shared_keys: list[int],
+                 size: int, capacity: int, device):
         self.size = size
-        self.pieces = -(-max_k // size)
-        self.offsets = torch.arange(self.pieces, device=region_starts.device, dtype=torch.int32) * size
-        # A piece past its sequence's region reads nothing (weight 0) but must still point into the pool.
-        starts = (region_starts[:, None] + self.offsets).reshape(-1).clamp_(max=capacity - 1)
-        self.starts = torch.cat([starts, starts[-1:]]).to(torch.int32)
-        self.used = torch.ones(n * self.pieces, dtype=torch.int32, device=region_starts.device)
-        self.valid = torch.ones(n, self.pieces, dtype=torch.bool, device=region_starts.device)
+        rows = []  # per sequence: (pool row, first key of the piece in the sequence's order, most keys)
+        for own, shared_start, shared in zip(own_starts, shared_starts, shared_keys):
+            row = [(shared_start + b, b, min(size, shared - b)) for b in range(0, shared, size)]
+            rows.append(row + [(own + b, shared + b, size) for b in range(0, own_keys, size)])
+        self.pieces = max(len(row) for row in rows)
+        rows = [row + [(capacity - 1, 1 << 30, 0)] * (self.pieces - len(row)) for row in rows]  # read nothing
+        # A piece past its sequence's keys reads nothing (weight 0) but must still point into the pool.
+        starts = [min(start, capacity - 1) for row in rows for start, _, _ in row]
+        self.starts = torch.tensor(starts + starts[-1:], dtype=torch.int32, device=device)
+        self.first = torch.tensor([[first for _, first, _ in row] for row in rows], dtype=torch.int32, device=device)
+        self.most = torch.tensor([[most for _, _, most in row] for row in rows], dtype=torch.int32, device=device)
+        self.used = torch.ones(len(rows) * self.pieces, dtype=torch.int32, device=device)
+        self.valid = torch.ones(len(rows), self.pieces, dtype=torch.bool, device=device)
 
-    def update(self, used: torch.Tensor) -> None:
-        """Keys per piece for sequences holding ``used`` keys (empty pieces read one key, weighted 0)."""
-        per_piece = (used[:, None] - self.offsets).clamp_(0, self.size)
+    def update(self, keys: torch.Tensor) -> None:
+        """Keys per piece for sequences attending to ``keys`` keys in all (empty pieces read one, weighted 0)."""
+        per_piece = torch.minimum((keys[:, None] - self.first).clamp_(min=0), self.most)
         torch.gt(per_piece, 0, out=self.valid)
         torch.clamp(per_piece.reshape(-1), min=1, out=self.used)
+
+
+def shared_prefix(a: Prompt, b: Prompt, image_token_id: int) -> int:
+    """How many first tokens ``b`` can take from ``a``: equal ids (and, over an image, the same picture),
+    leaving ``b`` at least one token of its own (its first answer token comes from its last one)."""
+    n = min(a.length, b.length) - 1
+    if n <= 0:
+        return 0
+    differ = (a.input_ids[:n] != b.input_ids[:n]).nonzero()
+    keys = int(differ[0]) if len(differ) else n
+    same_image = (a.pixel_values is not None and b.pixel_values is not None
+                  and torch.equal(a.image_grid_thw, b.image_grid_thw) and torch.equal(a.pixel_values, b.pixel_values))
+    if not same_image:  # image pad tokens are equal ids whatever the picture: share only what comes before
+        for prompt in (a, b):
+            where = (prompt.input_ids[:keys] == image_token_id).nonzero()
+            if len(where):
+                keys = int(where[0])
+    return keys
+
+
+class Sharing:
+    """Which prompts of a batch take their beginning from an earlier one: the first prompt of a share key is
+    prefilled whole, a later one with the same key from where its ids differ (if the common part is long
+    enough to be worth it). The batch planner and the generator ask the same way, so they agree."""
+
+    def __init__(self, image_token_id: int):
+        self.image_token_id = image_token_id
+        self.first: dict[object, int] = {}
+        self.prompts: list[Prompt] = []
+
+    def add(self, prompt: Prompt) -> tuple[int, int] | None:
+        """(index of the prompt it shares with, keys shared) or None; ``prompt`` gets the next index."""
+        index = len(self.prompts)
+        self.prompts.append(prompt)
+        if prompt.share_key is None:
+            return None
+        source = self.first.setdefault(prompt.share_key, index)
+        if source == index:
+            return None
+        keys = shared_prefix(self.prompts[source], prompt, self.image_token_id)
+        return (source, keys) if keys >= SHARE_MIN_TOKENS else None
 
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -218,32 +282,42 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
 @functools.cache
 def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     """Once per process: the varlen kernel on this torch build against the SDPA loop, on a prefill (a
-    whole prompt and a later piece of one: causal masks aligned to the last key) and a decode over key
-    pieces, in pool regions that do not start at 0. A build without the kernel (or with another
+    whole prompt and a later piece of one: causal masks aligned to the last key), a prefill of prompts that
+    share their beginning with another, and a decode over key pieces (one sequence with a shared
+    beginning), in pool regions that do not start at 0. A build without the kernel (or with another
     alignment) falls back to the loop with a warning instead of giving wrong answers."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
         pool = torch.randn(2, 64, 2, 128, generator=gen, device=device, dtype=dtype)
-        # prefill: a whole prompt, and a later piece whose 4 queries are the last of 12 keys
-        for decode, lengths, used in ((False, [5, 4], [5, 12]), (True, [1, 1], [7, 30])):
+        cases = [  # decode?, new tokens, keys in the own region, shared beginning (pool row, keys) or None
+            (False, [5, 4], [5, 12], None),
+            (False, [4, 3], [4, 6], ([30, 30], [9, 17])),  # two sequences sharing with one: equal rows
+            (True, [1, 1], [7, 30], ([40, 0], [17, 0]))]
+        for decode, lengths, used, shared in cases:
             cu = [0, lengths[0], sum(lengths)]
             starts = [3, 20, 64]
             device_starts = torch.tensor(starts, dtype=torch.int32, device=device)
             device_used = torch.tensor(used, dtype=torch.int32, device=device)
-            split = None
-            if decode:  # pieces of 8 keys: 1 and 4 pieces, the last ones partly and wholly empty
-                split = KeySplit(device_starts[:-1], 40, 8, pool.shape[1])
-                split.update(device_used)
             layout = Layout(pool=pool, slots=torch.empty(0, device=device),
                             cu_q=torch.tensor(cu, dtype=torch.int32, device=device), starts=device_starts,
                             used=device_used, max_q=max(lengths), max_k=max(used), host_cu_q=cu,
-                            host_starts=starts, host_used=used, split=split)
+                            host_starts=starts, host_used=used)
+            if shared:
+                layout.host_shared_starts, layout.host_shared_used = shared
+            if decode:  # pieces of 8 keys: a shared beginning of 3 pieces (the last partial), 1 and 4 own ones
+                layout.split = KeySplit(starts[:-1], 40, shared[0], shared[1], 8, pool.shape[1], device)
+                layout.split.update(device_used + torch.tensor(shared[1], dtype=torch.int32, device=device))
+            elif shared:
+                layout.shared_starts = torch.tensor(shared[0] + [64], dtype=torch.int32, device=device)
+                layout.shared_used = torch.tensor(shared[1], dtype=torch.int32, device=device)
+                layout.max_shared = max(shared[1])
             q = torch.randn(cu[-1], 8, 128, generator=gen, device=device, dtype=dtype)
             fast = _flash(q, pool[0], pool[1], layout, causal=not decode, scale=128**-0.5)
             slow = _reference(q, pool[0], pool[1], layout, 128**-0.5)
             error = ((fast.float() - slow.float()).norm() / slow.float().norm()).item()
             if not error < 1e-2:
-                raise ValueError(f"relative error {error:.3g} against SDPA ({'decode' if decode else 'prefill'})")
+                what = "decode" if decode else "shared prefill" if shared else "prefill"
+                raise ValueError(f"relative error {error:.3g} against SDPA ({what})")
         return True
     except Exception as err:  # noqa: BLE001 - any failure means: do not use it
         log.warning("flash-attention varlen kernel not used (%s: %s); attention runs per sequence with SDPA",
@@ -341,12 +415,23 @@ def long_prefill_kernel(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _flash(q, k, v, layout: Layout, causal: bool, scale: float) -> torch.Tensor:
-    """flash-attention's varlen kernel reading the pool in place; ``seqused_k`` bounds each region."""
+    """flash-attention's varlen kernel reading the pool in place; ``seqused_k`` bounds each region. With
+    shared beginnings: their keys without a mask, the own region's causally, merged by log-sum-exp."""
     if layout.split is not None:
         return _flash_decode(q, k, v, layout.split, scale)
-    return torch.ops.aten._flash_attention_forward(
-        q.contiguous(), k, v, layout.cu_q, layout.starts, layout.max_q, layout.max_k, 0.0, causal, False,
-        scale=scale, seqused_k=layout.used)[0]
+    q = q.contiguous()
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, layout.cu_q, layout.starts, layout.max_q, layout.max_k, 0.0, causal, False,
+        scale=scale, seqused_k=layout.used)[:2]
+    if layout.shared_used is None:
+        return out
+    shared, shared_lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, layout.cu_q, layout.shared_starts, layout.max_q, layout.max_shared, 0.0, False, False,
+        scale=scale, seqused_k=layout.shared_used)[:2]
+    if lse.dim() != 2:  # [heads, tokens] for varlen; older kernels padded it per sequence
+        raise ValueError(f"log-sum-exp of shape {tuple(lse.shape)}")
+    weights = torch.softmax(torch.stack([lse, shared_lse]).float(), dim=0).transpose(1, 2)[..., None]
+    return (weights[0] * out.float() + weights[1] * shared.float()).to(q.dtype)
 
 
 def _flash_decode(q, k, v, split: KeySplit, scale: float) -> torch.Tensor:
@@ -376,17 +461,21 @@ def _flash_decode(q, k, v, split: KeySplit, scale: float) -> torch.Tensor:
 def _reference(q, k, v, layout: Layout, scale: float) -> torch.Tensor:
     """The same attention one sequence at a time with SDPA (CPUs, and GPUs without flash)."""
     used = layout.host_used if layout.host_used is not None else layout.used.tolist()
+    shared = layout.host_shared_used or [0] * len(used)
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for b, (q0, q1) in enumerate(zip(layout.host_cu_q, layout.host_cu_q[1:])):
-        start = layout.host_starts[b]
-        keys = k[start:start + used[b]].transpose(0, 1).repeat_interleave(group, dim=0)
-        values = v[start:start + used[b]].transpose(0, 1).repeat_interleave(group, dim=0)
+        rows = torch.arange(layout.host_starts[b], layout.host_starts[b] + used[b], device=q.device)
+        if shared[b]:  # a shared beginning, then the sequence's own keys
+            first = layout.host_shared_starts[b]
+            rows = torch.cat([torch.arange(first, first + shared[b], device=q.device), rows])
+        keys = k[rows].transpose(0, 1).repeat_interleave(group, dim=0)
+        values = v[rows].transpose(0, 1).repeat_interleave(group, dim=0)
         query = q[q0:q1].transpose(0, 1)
         mask = None
         if q1 - q0 > 1:  # causal, the queries being the last keys
-            offset = used[b] - (q1 - q0)
-            mask = torch.ones(q1 - q0, used[b], dtype=torch.bool, device=q.device).tril(offset)
+            offset = len(rows) - (q1 - q0)
+            mask = torch.ones(q1 - q0, len(rows), dtype=torch.bool, device=q.device).tril(offset)
         out[q0:q1] = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale).transpose(0, 1)
     return out
 
@@ -400,7 +489,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     pool[1].index_copy_(0, layout.slots, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [T, heads, dim]
     lone_long = (len(layout.host_cu_q) == 2 and layout.max_q > 1 and layout.host_used is not None
-                 and layout.host_used[0] >= LONG_PREFILL_KEYS)
+                 and layout.host_used[0] >= LONG_PREFILL_KEYS and layout.shared_used is None)
     if flash_available(q.device, q.dtype) and lone_long and long_prefill_kernel(q.device, q.dtype) == "cudnn":
         out = split_prefill(q, pool[0], pool[1], layout.host_starts[0], layout.host_used[0], scaling,
                             functools.partial(cudnn_attend, scale=scaling))
@@ -464,10 +553,12 @@ class Piece:
         return self.end - self.begin
 
 
-def prompt_pieces(index: int, length: int, piece_tokens: int, image_span: tuple[int, int] | None) -> list[Piece]:
-    """Cut a prompt into pieces of at most ``piece_tokens``, never inside its image's tokens (the
-    vision tower's output goes in whole): a piece that would end inside the image ends after it."""
-    pieces, begin = [], 0
+def prompt_pieces(index: int, begin: int, length: int, piece_tokens: int, image_span: tuple[int, int] | None
+                  ) -> list[Piece]:
+    """Cut tokens ``begin:length`` of a prompt into pieces of at most ``piece_tokens``, never inside its
+    image's tokens (the vision tower's output goes in whole): a piece that would end inside the image ends
+    after it."""
+    pieces = []
     while begin < length:
         end = min(begin + piece_tokens, length)
         if image_span is not None and image_span[0] < end < image_span[1]:
@@ -477,22 +568,25 @@ def prompt_pieces(index: int, length: int, piece_tokens: int, image_span: tuple[
     return pieces
 
 
-def prefill_passes(lengths: list[int], image_spans: list, pass_tokens: int) -> list[list[Piece]]:
-    """Prompts in order, long ones in pieces, packed into forward passes of about ``pass_tokens``."""
-    pieces = [piece for index, (length, span) in enumerate(zip(lengths, image_spans))
-              for piece in prompt_pieces(index, length, pass_tokens, span)]
+def prefill_passes(prompts: list[tuple[int, int, int, tuple[int, int] | None]], pass_tokens: int) -> list[list[Piece]]:
+    """Prompts (index, first token to prefill, length, image span) in order, long ones in pieces, packed
+    into forward passes of about ``pass_tokens``."""
+    pieces = [piece for index, begin, length, span in prompts
+              for piece in prompt_pieces(index, begin, length, pass_tokens, span)]
     return fill(pieces, lambda piece: piece.tokens, pass_tokens)
 
 
 class PackedGenerator:
     """Prefill in packed passes, then decode every sequence together, one token each per step."""
 
-    def __init__(self, model, prefill_tokens: int, cuda_graphs: bool = True):
+    def __init__(self, model, prefill_tokens: int, cuda_graphs: bool = True, share_prefixes: bool = True):
         register()
         if flash_available(model.device, model.dtype):  # choose kernels now, while no K/V cache holds the card
             long_prefill_kernel(model.device, model.dtype)
             torch.cuda.empty_cache()
         self.cuda_graphs = cuda_graphs
+        self.share_prefixes = share_prefixes
+        self.stats = {"prompt_tokens": 0, "shared_tokens": 0}  # prefill work asked for, and taken from others
         self.model = model
         self.text_config = model.config.text_config
         self.device = model.device
@@ -509,28 +603,39 @@ class PackedGenerator:
 
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[int]]:
-        """New token ids per prompt (up to and including its end-of-sequence token)."""
+        """New token ids per prompt (up to and including its end-of-sequence token).
+
+        Prompts that share a beginning with an earlier one (``Sharing``) are prefilled in a second phase,
+        from where they differ, once the prompts they share with are in the pool."""
         device, n = self.device, len(prompts)
         lengths = [p.length for p in prompts]
-        capacity = [length + sampling.max_new_tokens for length in lengths]
+        sharing = Sharing(self.model.config.image_token_id)
+        shares = [sharing.add(p) for p in prompts] if self.share_prefixes else [None] * n
+        skipped = [share[1] if share else 0 for share in shares]  # tokens a prompt takes from another's region
         starts = [0]
-        for cap in capacity:
-            starts.append(starts[-1] + cap)
+        for length, skip in zip(lengths, skipped):
+            starts.append(starts[-1] + length - skip + sampling.max_new_tokens)
+        shared_starts = [starts[share[0]] if share else 0 for share in shares]
         shape = list(self.pool_shape)
         shape[2] = starts[-1]
         pool = torch.empty(shape, dtype=self.dtype, device=device)
         tokens = torch.full((n, sampling.max_new_tokens), sampling.pad_token_id, dtype=torch.long, device=device)
         spans = [self.image_span(p) for p in prompts]
         seen = sampling.seen_tokens(prompts, self.text_config.vocab_size, device)
+        self.stats["prompt_tokens"] += sum(lengths)
+        self.stats["shared_tokens"] += sum(skipped)
         with packed_attention_for(self.text_config):
-            for pieces in prefill_passes(lengths, spans, self.prefill_tokens):
-                finished = [piece.index for piece in pieces if piece.end == lengths[piece.index]]
-                first = self._prefill(prompts, spans, pieces, finished, starts, pool, sampling, seen)
-                if finished:
-                    tokens[finished, 0] = first
-                    if seen is not None:
-                        seen[finished, first] = True
-            self._decode(prompts, lengths, starts, pool, tokens, sampling, seen)
+            for second in (False, True):
+                phase = [(i, skipped[i], lengths[i], spans[i]) for i in range(n) if (shares[i] is not None) == second]
+                for pieces in prefill_passes(phase, self.prefill_tokens):
+                    finished = [piece.index for piece in pieces if piece.end == lengths[piece.index]]
+                    first = self._prefill(prompts, spans, pieces, finished, starts, skipped,
+                                          shared_starts if second else None, pool, sampling, seen)
+                    if finished:
+                        tokens[finished, 0] = first
+                        if seen is not None:
+                            seen[finished, first] = True
+            self._decode(prompts, lengths, skipped, starts, shared_starts, pool, tokens, sampling, seen)
         rows = tokens.tolist()
         eos = set(sampling.eos_token_ids)
         out = []
@@ -546,18 +651,20 @@ class PackedGenerator:
         where = (prompt.input_ids == self.model.config.image_token_id).nonzero()
         return int(where[0]), int(where[-1]) + 1
 
-    def _prefill(self, prompts, spans, pieces: list[Piece], finished: list[int], starts, pool, sampling, seen
-                 ) -> torch.Tensor | None:
+    def _prefill(self, prompts, spans, pieces: list[Piece], finished: list[int], starts, skipped, shared_starts,
+                 pool, sampling, seen) -> torch.Tensor | None:
         """One forward pass over ``pieces``; the first new token of each ``finished`` prompt (those
-        whose last piece this is), None when there are none."""
+        whose last piece this is), None when there are none. A prompt's region holds its keys from
+        ``skipped`` on; with ``shared_starts`` (the second phase) the keys before that are another's."""
         device = self.device
         cu = [0]
         for piece in pieces:
             cu.append(cu[-1] + piece.tokens)
         region = [starts[piece.index] for piece in pieces]
-        region.append(region[-1] + pieces[-1].end)
-        used = [piece.end for piece in pieces]  # keys: the earlier pieces' and this one's
-        slots = torch.cat([torch.arange(starts[p.index] + p.begin, starts[p.index] + p.end) for p in pieces])
+        used = [piece.end - skipped[piece.index] for piece in pieces]  # own keys: earlier pieces' and this one's
+        region.append(region[-1] + used[-1])
+        slots = torch.cat([torch.arange(starts[p.index] + p.begin - skipped[p.index],
+                                        starts[p.index] + p.end - skipped[p.index]) for p in pieces])
         layout = Layout(
             pool=pool, slots=slots.to(device, non_blocking=True),
             cu_q=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
@@ -565,6 +672,13 @@ class PackedGenerator:
             used=torch.tensor(used, dtype=torch.int32).to(device, non_blocking=True),
             max_q=max(p.tokens for p in pieces), max_k=max(used), host_cu_q=cu, host_starts=region,
             host_used=used)
+        if shared_starts is not None:
+            first = [shared_starts[p.index] for p in pieces]
+            shared = [skipped[p.index] for p in pieces]
+            layout.host_shared_starts, layout.host_shared_used, layout.max_shared = first, shared, max(shared)
+            layout.shared_starts = torch.tensor(first + [first[-1] + shared[-1]], dtype=torch.int32).to(
+                device, non_blocking=True)
+            layout.shared_used = torch.tensor(shared, dtype=torch.int32).to(device, non_blocking=True)
         ids = torch.cat([prompts[p.index].input_ids[p.begin:p.end] for p in pieces]).to(device, non_blocking=True)
         positions = torch.cat([prompts[p.index].positions[:, p.begin:p.end] for p in pieces], dim=1)
         with_image = [prompts[p.index] for p in pieces if spans[p.index] and p.begin <= spans[p.index][0] < p.end]
@@ -580,33 +694,41 @@ class PackedGenerator:
         return sampling.pick(logits, torch.zeros((), dtype=torch.long, device=device),
                              None if seen is None else seen[finished])
 
-    def _decode(self, prompts, lengths, starts, pool, tokens, sampling, seen) -> None:
-        """One token per sequence per step, all in place on device tensors; greedy decoding on a GPU
-        replays the step as a CUDA graph (one launch instead of some 700 kernels from Python)."""
+    def _decode(self, prompts, lengths, skipped, starts, shared_starts, pool, tokens, sampling, seen) -> None:
+        """One token per sequence per step, all in place on device tensors; on a GPU the step is replayed
+        as a CUDA graph (one launch instead of some 700 kernels from Python)."""
         device, n = self.device, len(prompts)
         eos = torch.tensor(sampling.eos_token_ids or [-1], device=device)
         region = torch.tensor(starts, dtype=torch.int32, device=device)
-        length = torch.tensor(lengths, dtype=torch.int32, device=device)  # keys in each region
+        own = [length - skip for length, skip in zip(lengths, skipped)]
+        length = torch.tensor(own, dtype=torch.int32, device=device)  # keys in each region
+        shared = torch.tensor(skipped, dtype=torch.int32, device=device)
         position = torch.tensor([p.next_position for p in prompts], dtype=torch.long, device=device)
         produced = torch.ones((), dtype=torch.long, device=device)
         current = tokens[:, 0].clone()
         done = torch.isin(current, eos)
         slots = torch.empty(n, dtype=torch.long, device=device)
         used = torch.empty(n, dtype=torch.int32, device=device)
+        keys = torch.empty(n, dtype=torch.int32, device=device)
         one = torch.ones((), dtype=torch.int32, device=device)
         pad = torch.full((), sampling.pad_token_id, dtype=torch.long, device=device)
         max_k = max(lengths) + sampling.max_new_tokens
+        size = max(KEY_PIECE, -(-max_k // MAX_KEY_PIECES))
         layout = Layout(pool=pool, slots=slots, cu_q=torch.arange(n + 1, dtype=torch.int32, device=device),
-                        starts=region, used=used, max_q=1, max_k=max_k, host_cu_q=list(range(n + 1)),
-                        host_starts=starts, host_used=None,
-                        split=KeySplit(region[:-1], max_k, max(KEY_PIECE, -(-max_k // MAX_KEY_PIECES)), starts[-1]))
+                        starts=region, used=used, max_q=1, max_k=max(own) + sampling.max_new_tokens,
+                        host_cu_q=list(range(n + 1)), host_starts=starts, host_used=None,
+                        split=KeySplit(starts[:-1], max(own) + sampling.max_new_tokens, shared_starts, skipped, size,
+                                       starts[-1], device),
+                        host_shared_starts=shared_starts, host_shared_used=skipped)
 
         def step() -> None:
             torch.add(region[:-1], length, out=slots)
             length.add_(1)
             # A finished sequence keeps its place in the batch but attends to one key: nearly free.
             torch.where(done, one, length, out=used)
-            layout.split.update(used)
+            torch.add(length, shared, out=keys)
+            torch.where(done, one, keys, out=keys)
+            layout.split.update(keys)
             logits = self._forward(current, position.expand(3, n), layout, 0)
             torch.where(done, pad, sampling.pick(logits, produced, seen), out=current)
             if seen is not None:
@@ -621,7 +743,7 @@ class PackedGenerator:
                 break
             if graph is not None:
                 graph.replay()
-            elif self.cuda_graphs and device.type == "cuda" and not sampling.do_sample and number == 1:
+            elif self.cuda_graphs and device.type == "cuda" and number == 1:
                 graph = self._capture(step)  # runs this step once, then records it
             else:
                 step()

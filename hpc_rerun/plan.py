@@ -3,9 +3,11 @@
 Cost is an estimate of this engine's GPU seconds per task, fitted to what it measured (docs/performance.md):
 the prefill's matrix and causal-attention work over the prompt as the worker will truncate it (table text
 from the tokenizer, cached per file; visual tokens from the image header and the pixel limits; never more
-than the model's context less the new tokens), plus the task's share of its batch's decode steps.
-Shards are packed longest-first onto the least-loaded shard, then improved by moving tasks off the
-most-loaded one. Tasks of all configurations share shards: one model load serves them all.
+than the model's context less the new tokens), plus the task's share of its batch's decode steps. Tasks of
+one configuration, table and question type are equal up to the question, and the engine prefills that part
+once per batch: the group stays in one shard and only its first task pays for the table.
+Shards are packed (whole groups) longest-first onto the least-loaded shard, then improved by moving groups
+off the most-loaded one. Tasks of all configurations share shards: one model load serves them all.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ DEFAULT_CONTEXT = 262_144  # Qwen3-VL-8B's max_position_embeddings, when the mod
 EXPECTED_OUTPUT_TOKENS = {"Visualization": 400, "Data Analysis": 160}
 DEFAULT_OUTPUT_TOKENS = 64
 BYTES_PER_TOKEN = 3.3  # where the model's tokenizer cannot be loaded here
+QUESTION_TOKENS_BASE = 20  # the chat template's tokens after the table, besides the question's own
+SHARE_MIN_TOKENS = 1024  # as packed.SHARE_MIN_TOKENS: the engine prefills a shorter common beginning again
 
 
 @dataclass
@@ -44,6 +48,7 @@ class TaskCost:
     prompt_tokens: int
     seconds: float
     overrides: dict = field(default_factory=dict)  # per-task token_budget / max_pixels (escalation)
+    group: tuple = ()  # (configuration, table, question type): kept in one shard, its beginning prefilled once
 
     def entry(self) -> dict:
         return {"config": self.config, "id": self.id, **self.overrides}
@@ -103,15 +108,36 @@ class CostModel:
             tokens += self.image_tokens(f"{IMAGE_DIR}/{task.file_name}{IMAGE_EXT}", variant)
         return tokens
 
-    def seconds(self, task: Task, prompt_tokens: int) -> float:
+    def seconds(self, task: Task, prompt_tokens: int, shared: bool = False) -> float:
         """Prefill of the prompt as truncated, plus the task's share of its batch's decode steps: a prompt
-        that fills most of a batch's cache pays for all of them, a short one for its part."""
+        that fills most of a batch's cache pays for all of them, a short one for its part. A ``shared``
+        task (not the first of its group) prefills only its question, over the keys of the whole prompt,
+        and holds only that in the cache."""
         prompt = min(prompt_tokens, self.context - self.max_new_tokens)
-        prefill = (2 * PARAMETERS * prompt + ATTENTION_FLOP_PER_TOKEN_PAIR * prompt**2) / PREFILL_FLOPS
+        taken = max(prompt - QUESTION_TOKENS_BASE - len(task.question) // 3, 0) if shared else 0
+        if taken < SHARE_MIN_TOKENS:
+            taken = 0
+        matrix = 2 * PARAMETERS * (prompt - taken)
+        prefill = (matrix + ATTENTION_FLOP_PER_TOKEN_PAIR * (prompt**2 - taken**2)) / PREFILL_FLOPS
         output = min(self.max_new_tokens, max(self.min_new_tokens,
                                               EXPECTED_OUTPUT_TOKENS.get(task.question_type, DEFAULT_OUTPUT_TOKENS)))
-        share = (prompt + self.max_new_tokens) / BATCH_CACHE_TOKENS
+        share = (prompt - taken + self.max_new_tokens) / BATCH_CACHE_TOKENS
         return OVERHEAD_S + prefill + output * DECODE_STEP_S * (1.0 if share > 0.5 else share)
+
+    def costs(self, tasks: list[tuple[Config, Task, Variant, dict]], scale: float = 1.0) -> list[TaskCost]:
+        """Each (configuration, task, variant, overrides) costed, the tasks after the first of their group
+        as sharing its beginning; a source file that cannot be read costs its question alone."""
+        seen, costs = set(), []
+        for config, task, variant, overrides in tasks:
+            try:
+                tokens = self.prompt_tokens(task, config, variant)
+            except OSError:
+                tokens = 0
+            group = (config.name, task.file_name, task.question_type)
+            seconds = self.seconds(task, tokens, shared=group in seen) * scale
+            seen.add(group)
+            costs.append(TaskCost(config.name, task.id, tokens, seconds, overrides, group))
+        return costs
 
 
 def model_context(model_path: str | None) -> int:
@@ -133,14 +159,8 @@ class RunnableCosts:
         self.tasks = load_tasks(report.task_list)
 
     def costs(self) -> list[TaskCost]:
-        costs = []
-        for scan in self.report.configs:
-            variant = self.variants(scan.config.variant)
-            for task_id in scan.runnable:
-                task = self.tasks[task_id]
-                tokens = self.model.prompt_tokens(task, scan.config, variant)
-                costs.append(TaskCost(scan.config.name, task_id, tokens, self.model.seconds(task, tokens)))
-        return costs
+        return self.model.costs([(scan.config, self.tasks[task_id], self.variants(scan.config.variant), {})
+                                 for scan in self.report.configs for task_id in scan.runnable])
 
 
 def load_tokenizer(model_path: str | None):
@@ -158,26 +178,32 @@ def load_tokenizer(model_path: str | None):
 
 
 def pack_shards(costs: list[TaskCost], n_shards: int) -> list[list[TaskCost]]:
-    """Longest-first onto the least-loaded shard, then move tasks off the heaviest while it helps."""
-    n_shards = max(1, min(n_shards, len(costs)))
-    shards: list[list[TaskCost]] = [[] for _ in range(n_shards)]
+    """Whole groups (``TaskCost.group``; a task without one alone), longest-first onto the least-loaded
+    shard, then move groups off the heaviest while it helps."""
+    units: dict[object, list[TaskCost]] = {}
+    for n, cost in enumerate(costs):
+        units.setdefault(cost.group or n, []).append(cost)
+    groups = list(units.values())
+    weight = {id(g): sum(c.seconds for c in g) for g in groups}
+    n_shards = max(1, min(n_shards, len(groups)))
+    shards: list[list[list[TaskCost]]] = [[] for _ in range(n_shards)]
     loads = [0.0] * n_shards
-    for cost in sorted(costs, key=lambda c: (-c.seconds, c.config, c.id)):
+    for group in sorted(groups, key=lambda g: (-weight[id(g)], g[0].config, g[0].id)):
         target = loads.index(min(loads))
-        shards[target].append(cost)
-        loads[target] += cost.seconds
-    for _ in range(10 * len(costs)):
+        shards[target].append(group)
+        loads[target] += weight[id(group)]
+    for _ in range(10 * len(groups)):
         heavy, light = loads.index(max(loads)), loads.index(min(loads))
         gap = loads[heavy] - loads[light]
-        movable = [c for c in shards[heavy] if c.seconds < gap]
+        movable = [g for g in shards[heavy] if weight[id(g)] < gap]
         if not movable:
             break
-        best = min(movable, key=lambda c: abs(gap / 2 - c.seconds))
+        best = min(movable, key=lambda g: abs(gap / 2 - weight[id(g)]))
         shards[heavy].remove(best)
         shards[light].append(best)
-        loads[heavy] -= best.seconds
-        loads[light] += best.seconds
-    return [s for s in shards if s]
+        loads[heavy] -= weight[id(best)]
+        loads[light] += weight[id(best)]
+    return [[cost for group in shard for cost in group] for shard in shards if shard]
 
 
 def new_run_id() -> str:

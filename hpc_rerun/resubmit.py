@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .benchmark import Config, Variant, load_tasks
-from .plan import CostModel, TaskCost, attempt_entry, load_plan, model_context, pack_shards, save_plan
+from .plan import CostModel, attempt_entry, load_plan, model_context, pack_shards, save_plan
 from .shards import ShardSpec
 from .status import ACTIVE, ShardStatus, cost_scale, gather, task_records
 
@@ -82,18 +82,12 @@ def write_attempt(run_dir: Path, entries: list[dict], n_shards: int, options: di
     template = ShardSpec.read(run_dir / plan["attempts"][0]["shards"][0]["spec"])
     tasks = load_tasks(template.task_list)
     model = CostModel(Path(template.data_root), generation=template.generation, context=model_context(template.model))
-    costs = []
+    items = []
     for entry in entries:
-        task = tasks[entry["id"]]
         config = Config.parse(entry["config"])
-        variant = Variant(config.variant, **template.configs.get(config.name, {}))
-        try:
-            tokens = model.prompt_tokens(task, config, variant)
-        except OSError:
-            tokens = 0
-        overrides = {k: v for k, v in entry.items() if k not in ("config", "id")}
-        costs.append(TaskCost(entry["config"], entry["id"], tokens, model.seconds(task, tokens) * scale, overrides))
-    shards = pack_shards(costs, n_shards)
+        items.append((config, tasks[entry["id"]], Variant(config.variant, **template.configs.get(config.name, {})),
+                      {k: v for k, v in entry.items() if k not in ("config", "id")}))
+    shards = pack_shards(model.costs(items, scale), n_shards)
     attempt = len(plan["attempts"]) + 1
     specs = []
     for number, shard in enumerate(shards):

@@ -55,6 +55,16 @@ class TaskInput:
     retries: int = 0
     prompts: PromptSet | None = None
     request: Request | None = None
+    suffix_room: int = 0  # tokens after the table for the longest question of its group (share_key)
+
+    @property
+    def share_key(self) -> tuple:
+        """Tasks of one configuration, table and question type: their prompts are equal up to the question."""
+        return self.config.name, self.task.file_name, self.task.question_type
+
+    def prompt_text(self) -> str:
+        return build_prompt_text(self.task, self.config.modality, self.config.format,
+                                 TABLE_SLOT if self.table_path else None, self.prompts)
 
 
 def source_path(data_root: Path, relpath: str) -> Path:
@@ -100,12 +110,12 @@ def load_input(config: Config, task: Task, data_root: Path, settings: dict, toke
 
 def prepare(engine: Engine, ti: TaskInput, generation: dict, tables: TableCache) -> Request:
     """The request within the task's token budget (its table cut to fit), or a classified failure."""
-    config, task = ti.config, ti.task
+    config = ti.config
     image = fit_image(ti.image, ti.min_pixels, ti.max_pixels) if ti.image is not None else None
-    text = build_prompt_text(task, config.modality, config.format, TABLE_SLOT if ti.table_path else None, ti.prompts)
     try:
         table = tables.get(ti.table_path) if ti.table_path else None
-        ti.request = engine.prepare(text, image, generation, ti.token_budget, table)
+        ti.request = engine.prepare(ti.prompt_text(), image, generation, ti.token_budget, table, ti.share_key,
+                                    ti.suffix_room)
     except TableError as err:
         raise TaskFailure("bad_input", f"Bad input: {err}") from None
     except PromptTooLong as err:
@@ -203,6 +213,7 @@ class ShardRunner:
                     ti.prompts = prompt_sets[ti.config.modality]
                     if ti.table_path:
                         self.tables.expect(ti.table_path)
+                self.reserve_suffixes(inputs)
                 # Tasks of one table together: its tokenisation serves them while it is cached.
                 inputs.sort(key=lambda ti: (ti.table_path or "", ti.config.name, ti.task.question_type, ti.task.id))
                 for batch in self.engine.stream_batches(inputs, self.prepare, lambda ti, err: self.not_prepared(
@@ -213,6 +224,17 @@ class ShardRunner:
 
     def prepare(self, ti: TaskInput) -> Request:
         return prepare(self.engine, ti, self.generation, self.tables)
+
+    def reserve_suffixes(self, inputs: list[TaskInput]) -> None:
+        """Each task's table is cut leaving room for the longest question of its group, so the group's
+        prompts are equal up to the question and the engine prefills that part once."""
+        rooms: dict[tuple, int] = {}
+        for ti in inputs:
+            if ti.table_path:
+                suffix = self.engine.suffix_tokens(ti.prompt_text(), ti.image)
+                rooms[ti.share_key] = max(rooms.get(ti.share_key, 0), suffix)
+        for ti in inputs:
+            ti.suffix_room = rooms.get(ti.share_key, 0)
 
     def not_prepared(self, writer: RecordWriter, ti: TaskInput, err: Exception) -> None:
         """A task whose prompt could not be made: a classified error record; the shard goes on."""

@@ -33,3 +33,33 @@ def test_a_prompt_that_fills_its_batch_pays_for_every_decode_step(tmp_path):
 
     assert more_steps(250_000) == pytest.approx(64 * DECODE_STEP_S)
     assert more_steps(1_000) == pytest.approx(64 * DECODE_STEP_S * 1_128 / BATCH_CACHE_TOKENS)
+
+
+def test_a_group_pays_for_its_table_once_and_stays_in_one_shard(tmp_path):
+    """Tasks of one configuration, table and question type: the first pays for the table, the others for
+    their question (the engine prefills the common part once), and no shard gets part of a group."""
+    from hpc_rerun import packed
+    from hpc_rerun.benchmark import Config, Variant
+    from hpc_rerun.plan import SHARE_MIN_TOKENS, pack_shards
+
+    assert SHARE_MIN_TOKENS == packed.SHARE_MIN_TOKENS, "plan counts sharing as the engine does it"
+    (tmp_path / "html").mkdir()
+    (tmp_path / "html" / "big.html").write_text("<td>1</td>\n" * 300_000)  # ~900K tokens by the byte estimate
+    (tmp_path / "html" / "small.html").write_text("<td>1</td>\n" * 2_000)
+    model = CostModel(tmp_path, generation={"max_new_tokens": 128})
+    config, variant = Config.parse("qwen3vl_text/text_html"), Variant("qwen3vl_text")
+    big = [Task(n, "big", "Fact Checking", None, f"question {n}?", "a") for n in range(3)]
+    other_type = Task(3, "big", "Data Analysis", None, "question?", "a")
+    small = [Task(10 + n, "small", "Fact Checking", None, "q?", "a") for n in range(4)]
+    costs = model.costs([(config, t, variant, {}) for t in big + [other_type] + small])
+    first, later = costs[0].seconds, [c.seconds for c in costs[1:3]]
+    assert max(later) < first / 50, (first, later)
+    assert costs[3].seconds >= first, "another question type prompts differently: it pays for the table"
+    for shards in (2, 3, 5):
+        packed_shards = pack_shards(costs, shards)
+        homes = {}
+        for number, shard in enumerate(packed_shards):
+            for cost in shard:
+                homes.setdefault(cost.group, set()).add(number)
+        assert all(len(h) == 1 for h in homes.values()), homes
+        assert sorted(c.id for s in packed_shards for c in s) == sorted(c.id for c in costs)
