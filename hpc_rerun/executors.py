@@ -23,7 +23,8 @@ def check_slurm_clients(commands: tuple[str, ...] = ("sbatch", "srun", "sacct", 
         )
 
 
-def slurm_executor(folder: str | Path) -> submitit.AutoExecutor:
-    """A submitit executor that is Slurm for certain (``cluster="slurm"`` explicitly)."""
+def slurm_executor(folder: str | Path, max_requeues: int = 3) -> submitit.AutoExecutor:
+    """A submitit executor that is Slurm for certain (``cluster="slurm"`` explicitly). An element signalled
+    before its time limit requeues itself up to ``max_requeues`` times (submitit's default 3), then ends."""
     check_slurm_clients()
-    return submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    return submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=max_requeues)

@@ -5,7 +5,8 @@ files of every attempt. Escalation follows the cause:
 - TIMEOUT, LOST, NODE_FAIL, PREEMPTED: twice the time limit and smaller shards (twice as many);
 - OUT_OF_MEMORY (host memory): 1.5x the memory;
 - with ``retry_errors``, tasks whose answer is a retryable error are rerun too; an OOM error gets half
-  the prompt tokens or half the pixels it had (missing and bad inputs are never retried).
+  the prompt tokens or half the pixels it had, both for image + text (missing and bad inputs are never
+  retried).
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ RETRYABLE_ERRORS = {"oom_text", "oom_image", "format_failure", "timeout", "node_
 
 
 def escalate_task(entry: dict, record: dict | None) -> dict:
-    """The task entry for the next attempt: half the tokens or pixels after an OOM error."""
+    """The task entry for the next attempt: after an OOM error, half the prompt tokens (text) or the pixels
+    (image) of its last try, or both (image + text: the worker's own ladder halves both, and the error
+    cannot say which of the two ran out)."""
     provenance = (record or {}).get("provenance") or {}
     error_class = provenance.get("error_class")
+    modality = Config.parse(entry["config"]).modality
     entry = {"config": entry["config"], "id": entry["id"]}
-    if error_class == "oom_text" and provenance.get("prompt_tokens"):
+    if error_class not in ("oom_text", "oom_image"):
+        return entry
+    if modality in ("text", "mix") and provenance.get("prompt_tokens"):
         used = provenance.get("truncated_to_tokens") or provenance["prompt_tokens"]
         entry["token_budget"] = max(used // 2, 1024)
-    if error_class == "oom_image" and provenance.get("image_pixels"):
+    if modality in ("image", "mix") and provenance.get("image_pixels"):
         entry["max_pixels"] = max(provenance["image_pixels"] // 2, 4 * 32 * 32)
     return entry
 

@@ -3,7 +3,8 @@
 One sacct and one squeue call per round for the whole run. sacct lags slurmctld by seconds, so a
 state is cross-checked with squeue; an element in neither after a grace period is ``LOST`` (a
 pending element scancelled inside its array vanishes from both). Without sacct, squeue and the
-shard files still tell most of it.
+shard files still tell most of it. An element that hit its time limit more often than submitit requeues
+it ends FAILED in Slurm's books; submitit's result file says why, and status calls it TIMEOUT.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pickle
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,6 +110,17 @@ def resolve_state(job_id: str, sacct: dict, squeue: dict, sacct_ok: bool, last_s
     return "LOST" if sacct_ok else "ENDED"  # without accounting, only the shard file can tell
 
 
+def timed_out_too_often(submitit_folder: Path, job_id: str) -> bool:
+    """submitit's verdict on a failed element: it stopped requeueing it after its time limit (its result
+    file holds the error ``Job not requeued because: timed-out too many times``)."""
+    try:
+        with open(submitit_folder / f"{job_id}_0_result.pkl", "rb") as fh:
+            outcome, detail = pickle.load(fh)
+    except (OSError, ValueError, TypeError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        return False
+    return outcome == "error" and "timed-out too many times" in str(detail)
+
+
 def local_states(run_dir: Path, attempt: dict) -> dict[str, str]:
     path = run_dir / f"attempt-{attempt['attempt']}" / "local-state.json"
     if not path.exists():
@@ -151,9 +164,13 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
             job_id = attempt.get("jobs", {}).get(key)
             shard_file = (run_dir / shard["spec"]).with_suffix(".jsonl")
             if attempt.get("executor") == "slurm" and job_id:
-                written = (dt.datetime.fromtimestamp(shard_file.stat().st_mtime) if shard_file.exists() else None)
-                alive_at = max(filter(None, (submitted, written)), default=None)
+                # Signs of life: the submission, the shard file, the element's submitit logs (written at each
+                # start and at the end, even by an element that never answered a task).
+                logs = [run_dir / "submitit" / f"{job_id}_0_log.{ext}" for ext in ("out", "err")]
+                alive_at = max(filter(None, (submitted, *map(_modified, [shard_file, *logs]))), default=None)
                 state = resolve_state(job_id, sacct, squeue, sacct_ok, alive_at, now)
+                if state == "FAILED" and timed_out_too_often(run_dir / "submitit", job_id):
+                    state = "TIMEOUT"
             elif attempt.get("executor") == "local":
                 state = local.get(key, "SUBMITTED" if submitted and (now - submitted).total_seconds() < GRACE_S
                                   else "LOST")
@@ -175,6 +192,13 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
                 predicted_s=shard.get("cost_s"), actual_s=_span(starts, ends),
             ))
     return statuses
+
+
+def _modified(path: Path) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromtimestamp(path.stat().st_mtime)
+    except OSError:
+        return None
 
 
 def _span(starts: list[str], ends: list[str]) -> float | None:

@@ -31,6 +31,7 @@ SLURM_DEFAULTS = {
     "extra_sbatch": {},
     "setup": [],
     "signal_delay_s": 90,  # USR2 this long before the time limit: the element requeues itself and resumes
+    "max_requeues": 3,  # ... this many times at most; then it ends (TIMEOUT) and resubmit gives it more time
 }
 
 
@@ -108,7 +109,7 @@ def submit_slurm(run_dir: Path, attempt: int, options: dict) -> dict[int, str]:
     check_slurm_clients()
     plan = load_plan(run_dir)
     entry = plan["attempts"][attempt - 1]
-    executor = slurm_executor(run_dir / "submitit")
+    executor = slurm_executor(run_dir / "submitit", int(options.get("max_requeues", SLURM_DEFAULTS["max_requeues"])))
     executor.update_parameters(**executor_parameters(options, plan["run_id"]))
     shards = entry["shards"]
     chunk = max_array_size()

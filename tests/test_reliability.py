@@ -16,7 +16,7 @@ import pytest
 
 from hpc_rerun.demo import write_demo
 from hpc_rerun.results import item_ok, load_result_file
-from hpc_rerun.shards import read_records
+from hpc_rerun.shards import ShardSpec, read_records
 
 from .conftest import DEV_CLUSTER
 
@@ -207,3 +207,151 @@ def test_element_signalled_before_its_time_limit_requeues_itself_and_resumes(slu
     assert len(keys) == len(set(keys)) == len(spec["tasks"]), "no task answered twice across the requeue"
     restarts = [r["provenance"]["slurm_restart_count"] for r in records]
     assert restarts[0] == 0 and restarts[-1] >= 1, "resumed in the requeued run"
+
+
+def reconfigure(max_array_size: int | None) -> None:
+    """Apply a MaxArraySize to the live dev cluster (None: Slurm's default again)."""
+    env = {**os.environ, "HPC_RERUN_SLURM_MAX_ARRAY_SIZE": str(max_array_size or 1001)}
+    proc = subprocess.run([str(DEV_CLUSTER), "reconfigure"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    assert f"MaxArraySize            = {max_array_size or 1001}" in shown
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(480)
+def test_more_shards_than_max_array_size_go_out_as_several_arrays(slurm_cluster, demo_paths):
+    """MaxArraySize 3: seven shards go out as three arrays (3 + 3 + 1, indices below 3), status watches
+    all of them, an element of the second array that is cancelled is resubmitted, and the merge completes."""
+    reconfigure(3)
+    try:
+        run_dir = plan_demo(demo_paths, 7)
+        cli("submit", run_dir, check=True)
+        jobs = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]
+        arrays: dict[str, list[int]] = {}
+        for shard in sorted(jobs, key=int):  # a lone last shard goes out as a plain job (submitit's way)
+            array, _, index = jobs[shard].partition("_")
+            arrays.setdefault(array, []).append(int(index or 0))
+        assert sorted(arrays.values()) == [[0], [0, 1, 2], [0, 1, 2]], jobs
+        assert jobs["4"] == f"{sorted(arrays, key=int)[1]}_1"
+        subprocess.run(["scancel", jobs["4"]], check=True)
+        env = {"HPC_RERUN_LOST_GRACE_S": "5"}
+        status = wait_finished(run_dir, 300, env=env)
+        states = {s["shard"]: s["state"] for s in status["shards"]}
+        # Slurm keeps no record of an element cancelled while pending in its array's remainder: absent from
+        # sacct and squeue, it is LOST after the grace period; once it ran, CANCELLED. Either needs a rerun.
+        assert states[4] in ("CANCELLED", "LOST") and status["summary"]["needs_rerun"] == 1, states
+        assert sum(state == "COMPLETED" for state in states.values()) == 6, "every array was watched to its end"
+        cli("resubmit", run_dir, env=env, check=True)
+        status = wait_finished(run_dir, 300, env=env)
+        assert status["summary"]["done"] == status["summary"]["total"], status["summary"]
+    finally:
+        reconfigure(None)
+    cli("merge-shards", run_dir, check=True)
+    assert_tree_complete(demo_paths)
+
+
+def profile_with(tmp_path: Path, **settings) -> Path:
+    """The dev-cluster profile with some settings changed."""
+    lines = [line for line in PROFILE.read_text().splitlines() if line.split("=")[0].strip() not in settings]
+    path = tmp_path / "profile.toml"
+    path.write_text("\n".join(lines + [f"{key} = {value}" for key, value in settings.items()]) + "\n")
+    return path
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(480)
+def test_a_shard_past_its_time_limit_is_resubmitted_with_twice_the_time_in_smaller_shards(
+        slurm_cluster, demo_paths, tmp_path):
+    """A real Slurm time limit: the model folder hangs (its config.json a FIFO nobody writes, as a stalled
+    file system does), Slurm signals the one-minute element before its limit, and with ``max_requeues = 0``
+    it does not requeue itself but ends (Slurm books it FAILED, submitit's result says timed out: status
+    calls it TIMEOUT). resubmit plans twice the time and twice the shards, Slurm runs them with that limit,
+    and the merge completes the tree."""
+    run_dir = plan_demo(demo_paths, 1, "--profile", profile_with(tmp_path, time_min=1, max_requeues=0))
+    config = demo_paths["model"] / "config.json"
+    saved = config.read_bytes()
+    config.unlink()
+    os.mkfifo(config)
+    try:
+        cli("submit", run_dir, check=True)
+        status = wait_finished(run_dir, 240)
+    finally:
+        config.unlink()
+        config.write_bytes(saved)
+    assert [s["state"] for s in status["shards"]] == ["TIMEOUT"], status["shards"]
+    cli("resubmit", run_dir, check=True)
+    second = json.loads((run_dir / "plan.json").read_text())["attempts"][1]
+    assert second["slurm"]["time_min"] == 2 and len(second["shards"]) == 2 and second["causes"] == ["TIMEOUT"]
+    arrays = sorted({job.split("_")[0] for job in second["jobs"].values()})
+    limits = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%l"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert limits == ["2:00"] * 2, (arrays, limits)  # as Slurm holds them, right after submission
+    status = wait_finished(run_dir, 300)
+    assert status["summary"]["done"] == status["summary"]["total"], status["summary"]
+    cli("merge-shards", run_dir, check=True)
+    assert_tree_complete(demo_paths)
+
+
+INJECTED_OOM = '''
+"""Loaded by every Python the test's Slurm jobs start (PYTHONPATH): the GPU runs out of memory on an image of
+more than {limit} pixels. A CPU has no CUDA OOM: the worker gets the real exception class, as from a GPU."""
+import os
+
+if os.environ.get("SLURM_JOB_ID"):
+    import torch
+
+    from hpc_rerun import engine
+
+    generate = engine.Engine.generate_encoded
+
+    def out_of_memory_on_large_images(self, encoded):
+        for prompt in encoded.prompts or []:
+            if prompt.image_grid_thw is not None and int(prompt.image_grid_thw.prod()) * 16 * 16 > {limit}:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        return generate(self, encoded)
+
+    engine.Engine.generate_encoded = out_of_memory_on_large_images
+'''
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(480)
+def test_retry_errors_reruns_an_out_of_memory_at_half_its_pixels_and_tokens(slurm_cluster, demo_paths, tmp_path):
+    """Images of more than 100K pixels run out of GPU memory (injected; see INJECTED_OOM). In the first
+    attempt the worker halves the pixels (and an image + text prompt's tokens) up to three times: the
+    980x296 images get through, the image + table tasks of the 1120x978 one end as an OOM error.
+    ``resubmit --retry-errors`` reruns those at half the pixels and tokens of their last try, in a real
+    array, and they are answered; the merge completes the tree."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(INJECTED_OOM.format(limit=100_000))
+    env = {"PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+    run_dir = plan_demo(demo_paths, 2)
+    cli("submit", run_dir, env=env, check=True)
+    wait_finished(run_dir, 300)
+    first = {(r["provenance"]["config"], r["id"]): r for path in (run_dir / "attempt-1").glob("*.jsonl")
+             for r in read_records(path)}
+    failed = {key: r for key, r in first.items() if r["provenance"]["error_class"] in ("oom_text", "oom_image")}
+    assert {config for config, _ in failed} == {"qwen3vl_default_pic/mix_markdown"}, first
+    assert all(r["provenance"]["image_pixels"] > 100_000 and r["provenance"]["retries"] == 3 for r in failed.values())
+    assert any(r["provenance"]["retries"] for key, r in first.items() if key not in failed and r["provenance"][
+        "image_pixels"]), "smaller images got through after the worker halved their pixels"
+    cli("resubmit", run_dir, "--retry-errors", env=env, check=True)
+    second = [ShardSpec.read(p) for p in sorted((run_dir / "attempt-2").glob("shard-*.json"))]
+    entries = {(t["config"], t["id"]): t for spec in second for t in spec.tasks}
+    assert set(entries) == set(failed)
+    for key, record in failed.items():
+        provenance = record["provenance"]
+        assert entries[key]["max_pixels"] == provenance["image_pixels"] // 2
+        tokens = provenance["truncated_to_tokens"] or provenance["prompt_tokens"]
+        assert entries[key]["token_budget"] == max(tokens // 2, 1024)
+    status = wait_finished(run_dir, 300)
+    assert status["summary"]["done"] == status["summary"]["total"]
+    answered = {(r["provenance"]["config"], r["id"]): r for path in (run_dir / "attempt-2").glob("*.jsonl")
+                for r in read_records(path)}
+    for key in failed:
+        provenance = answered[key]["provenance"]
+        assert provenance["error_class"] is None and provenance["image_pixels"] <= 100_000, provenance
+    cli("merge-shards", run_dir, check=True)
+    assert_tree_complete(demo_paths)

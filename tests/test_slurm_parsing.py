@@ -45,3 +45,19 @@ def test_array_ranges():
 ])
 def test_state_resolution(sacct, squeue, sacct_ok, quiet_s, state):
     assert resolve_state("1_0", sacct, squeue, sacct_ok, NOW - dt.timedelta(seconds=quiet_s), NOW) == state
+
+
+def test_an_element_submitit_stopped_requeueing_counts_as_timed_out(tmp_path):
+    """What submitit leaves in ``<job>_0_result.pkl`` (its pickled outcome) when an element reached its time
+    limit once more than it may requeue: Slurm says FAILED, the reason is the time limit."""
+    import pickle
+
+    from hpc_rerun.status import timed_out_too_often
+
+    outcomes = {"7_0": ("error", "Traceback ...\nsubmitit.core.utils.UncompletedJobError: Job not requeued because: "
+                                 "timed-out too many times.\n"),
+                "7_1": ("error", "Traceback ...\nValueError: broken table\n"), "7_2": ("success", {"written": 3})}
+    for job, outcome in outcomes.items():
+        (tmp_path / f"{job}_0_result.pkl").write_bytes(pickle.dumps(outcome))
+    (tmp_path / "7_3_0_result.pkl").write_bytes(b"\x80\x04 truncated")
+    assert [timed_out_too_often(tmp_path, f"7_{n}") for n in range(5)] == [True, False, False, False, False]
