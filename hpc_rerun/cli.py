@@ -528,15 +528,20 @@ def demo(directory, executor):
 @click.option("--force", is_flag=True, help="Merge into files that changed since the run was planned.")
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 @click.option("--no-provenance", is_flag=True, help="Leave the provenance object out of merged items.")
+@click.option("--recompute-aggregates", is_flag=True,
+              help="Rewrite aggregate_metrics even where no rule gives the stored values back from the items.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite, force, dry_run, no_provenance,
-                 as_json):
+                 recompute_aggregates, as_json):
     """Merge the answers of RUN_DIR's shards (and/or --from run directories) into the result files.
 
     Per task the best answer wins (success over error, newer attempt over older). [ERROR] items are
     replaced, absent ids inserted, existing successes kept (unless --overwrite). Each file keeps its
     layout, is written atomically with a backup beside it (results.json.bak-<time>), and its
-    aggregate_metrics, checkpoint.json and skip_ids.json are refreshed. Merging twice changes nothing.
+    aggregate_metrics, checkpoint.json and skip_ids.json are refreshed. Aggregates follow the file's own
+    rule (percent or fraction per level, Pass over all or over ECR-true items), found from its stored
+    values; groups whose items did not change keep their numbers exactly; a file whose stored values no
+    rule gives back keeps its aggregates (a warning says which disagree). Merging twice changes nothing.
     Afterwards it scans and shows what is left.
 
     \b
@@ -554,7 +559,8 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
     try:
         reports, problems, plan = merge_run(run_dir, results_root, [parse_run_dir(v) for v in sources],
                                             overwrite=overwrite, force=force, dry_run=dry_run,
-                                            with_provenance=not no_provenance)
+                                            with_provenance=not no_provenance,
+                                            recompute_aggregates=recompute_aggregates)
     except MergeLocked as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -573,6 +579,9 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
         from .report import print_scan
 
         print_scan(rescan_after_merge(reports, plan, data_root, task_list))
+    for report in reports:
+        if report.aggregates_kept:
+            click.echo(f"warning: {report.aggregates_kept}", err=True)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:

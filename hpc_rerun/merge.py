@@ -47,6 +47,7 @@ class ConfigMerge:
     changed: bool = False
     backup: Path | None = None
     problem: str | None = None
+    aggregates_kept: str | None = None  # why aggregate_metrics were left as they were (no rule reproduces them)
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -124,14 +125,18 @@ def merge_items(items: list[dict], new: dict[int, dict], overwrite: bool, with_p
     return merged
 
 
-def rebuild(result: ResultFile, items: list[dict]) -> dict:
-    """The file's top level with new items and aggregates, every other key as it was, in order."""
+def rebuild(result: ResultFile, items: list[dict], report: ConfigMerge, recompute: bool = False) -> dict:
+    """The file's top level with new items and aggregates (by the file's own rule; see results.py), every
+    other key as it was, in order."""
     out = {}
     for key, value in result.data.items():
         if key == "results":
             out[key] = items
         elif key == "aggregate_metrics" and isinstance(value, dict):
-            out[key] = recompute_aggregates(value, items)
+            out[key], kept = recompute_aggregates(value, result.items, items, force=recompute)
+            if kept and items != result.items:
+                report.aggregates_kept = (f"{result.path}: aggregate_metrics left as they were: {kept}. Merge with "
+                                          "--recompute-aggregates to rewrite them from the items")
         else:
             out[key] = value
     return out
@@ -143,7 +148,12 @@ def backup(path: Path, now: dt.datetime) -> Path:
     for existing in sorted(path.parent.glob(f"{path.name}.bak-*")):
         if existing.stat().st_size == len(data) and existing.read_bytes() == data:
             return existing
-    target = path.with_name(f"{path.name}.bak-{now.strftime('%Y%m%dT%H%M%S')}")
+    stamp = now.strftime('%Y%m%dT%H%M%S')
+    target = path.with_name(f"{path.name}.bak-{stamp}")
+    number = 1
+    while target.exists():  # two merges within one second: never overwrite an earlier backup
+        target = path.with_name(f"{path.name}.bak-{stamp}-{number}")
+        number += 1
     atomic_write_bytes(target, data)
     return target
 
@@ -165,7 +175,7 @@ def results_lock(results_root: Path):
 
 def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set[str] | None, overwrite: bool,
                  force: bool, dry_run: bool, with_provenance: bool, now: dt.datetime,
-                 about_to_write=lambda digest: None) -> ConfigMerge:
+                 about_to_write=lambda digest: None, recompute_aggregates: bool = False) -> ConfigMerge:
     report = ConfigMerge(config, path)
     try:
         result = load_result_file(path)
@@ -179,7 +189,7 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
                               "Check it, then merge with --force to merge into it anyway")
             return report
     items = merge_items(result.items, new, overwrite, with_provenance, report)
-    writes = [(path, dump_json(rebuild(result, items)))]
+    writes = [(path, dump_json(rebuild(result, items, report, recompute_aggregates)))]
     checkpoint = path.parent / "checkpoint.json"
     if checkpoint.exists():  # the fork's resume file: rerun exactly what is not a success
         checkpoint_data = {"results": items, "processed_ids": [i["id"] for i in items if item_ok(i)]}
@@ -216,6 +226,7 @@ def merge(
     force: bool = False,
     dry_run: bool = False,
     with_provenance: bool = True,
+    recompute_aggregates: bool = False,
 ) -> list[ConfigMerge]:
     """Merge ``records`` into each configuration's file; returns what happened per configuration."""
     now = dt.datetime.now()
@@ -242,7 +253,7 @@ def merge(
             try:
                 reports.append(merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
                                             force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
-                                            about_to_write=remember))
+                                            about_to_write=remember, recompute_aggregates=recompute_aggregates))
             except OSError as err:  # disk full, quota, permissions: this file keeps its old content
                 where = err.filename or path
                 reports.append(ConfigMerge(config, path, problem=f"{where}: cannot write ({err.strerror}); "
@@ -251,8 +262,8 @@ def merge(
 
 
 def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tuple[Path, str | None]] = (), *,
-              overwrite: bool = False, force: bool = False, dry_run: bool = False, with_provenance: bool = True
-              ) -> tuple[list[ConfigMerge], list[str], dict]:
+              overwrite: bool = False, force: bool = False, dry_run: bool = False, with_provenance: bool = True,
+              recompute_aggregates: bool = False) -> tuple[list[ConfigMerge], list[str], dict]:
     """Merge a run directory's shards and/or the users' own run directories into a results root.
 
     Returns the per-configuration outcome, the problems (unreadable inputs), and the run's plan.
@@ -283,7 +294,7 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
     planned = {c: f["sha256"] for c, f in plan.get("result_files", {}).items()} or None
     reports = merge({c.name: p for c, p in result_files.items()}, records, results_root=results_root,
                     planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
-                    with_provenance=with_provenance)
+                    with_provenance=with_provenance, recompute_aggregates=recompute_aggregates)
     problems += [r.problem for r in reports if r.problem]
     plan["results_root"] = str(results_root)
     return reports, problems, plan

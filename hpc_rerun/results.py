@@ -104,37 +104,48 @@ def best_items(item_lists: list[list[dict]]) -> tuple[dict[int, dict], list[int]
 BOOLEAN_METRICS = ("ECR", "Pass")
 
 
+@dataclass(frozen=True)
+class ShareRule:
+    """How a file turns ECR/Pass into shares at one level (by question type, or overall): a fraction (0.66)
+    or a percentage (66.2), and Pass over every item or over those whose code ran (ECR true). Files differ,
+    even between their two levels; only their own stored values tell."""
+
+    scale: float
+    pass_over_ran: bool
+
+    def describe(self) -> str:
+        return f"{'percent' if self.scale == 100 else 'fraction'}, Pass over {'ECR-true' if self.pass_over_ran else 'all'} items"
+
+
+SHARE_RULES = [ShareRule(scale, over_ran) for scale in (100.0, 1.0) for over_ran in (False, True)]
+
+
 def _is_rounded(aggregates: dict) -> bool:
     values = [v for group in aggregates.values() if isinstance(group, dict) for v in group.values()
               if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return bool(values) and all(round(v, 2) == v for v in values)
 
 
-def _share_scale(aggregates: dict) -> float:
-    """ECR/Pass as a fraction (0.66) or a percentage (66.2), as the file already has them."""
-    shares = [group[m] for group in aggregates.values() if isinstance(group, dict)
-              for m in BOOLEAN_METRICS if isinstance(group.get(m), (int, float))]
-    return 1.0 if shares and all(v <= 1 for v in shares) else 100.0
-
-
-def _means(items: list[dict], scale: float, with_time: bool, share_of: int | None = None) -> dict:
-    """Mean of each numeric metric over the items that have it; ECR/Pass as the share of true values
-    over ``share_of`` items (all items of the group by default)."""
+def _means(items: list[dict], rule: ShareRule, with_time: bool) -> dict:
+    """Mean of each numeric metric over the items that have it; ECR as the share of true values over the
+    group's items, Pass over them or over those with ECR true (``rule``)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    ran = sum(1 for item in items if isinstance(item.get("Metrics"), dict) and item["Metrics"].get("ECR") is True)
     for item in items:
         metrics = item.get("Metrics") if isinstance(item.get("Metrics"), dict) else {}
         for name, value in metrics.items():
             if name in BOOLEAN_METRICS:
                 sums[name] = sums.get(name, 0.0) + (value is True)
-                counts[name] = share_of or len(items)
+                counts[name] = ran if name == "Pass" and rule.pass_over_ran else len(items)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 sums[name] = sums.get(name, 0.0) + value
                 counts[name] = counts.get(name, 0) + 1
         if with_time and isinstance(item.get("ProcessingTime"), (int, float)):
             sums["ProcessingTime"] = sums.get("ProcessingTime", 0.0) + item["ProcessingTime"]
             counts["ProcessingTime"] = counts.get("ProcessingTime", 0) + 1
-    return {name: sums[name] / counts[name] * (scale if name in BOOLEAN_METRICS else 1) for name in sums}
+    return {name: (sums[name] / counts[name] if counts[name] else 0.0) * (rule.scale if name in BOOLEAN_METRICS else 1)
+            for name in sums}
 
 
 def _ordered(new: dict, old: dict, rounded: bool) -> dict:
@@ -143,25 +154,86 @@ def _ordered(new: dict, old: dict, rounded: bool) -> dict:
     return {k: (round(new[k], 2) if rounded else new[k]) for k in keys}
 
 
-def recompute_aggregates(aggregates: dict, items: list[dict]) -> dict:
-    """``aggregate_metrics`` recomputed from the items, in the shape the file already has
-    (nested by_question_type/overall or flat by QuestionType; fraction or percentage shares;
-    rounded or not; with or without ProcessingTime; the same key order)."""
-    nested = "by_question_type" in aggregates
-    by_type_old = aggregates.get("by_question_type", {}) if nested else aggregates
-    rounded, scale = _is_rounded(aggregates), _share_scale(aggregates)
-    with_time = any(isinstance(g, dict) and "ProcessingTime" in g for g in by_type_old.values())
-    groups: dict[str, list[dict]] = {}
-    for item in items:
+def _disagreements(stored: dict, computed: dict, rounded: bool) -> list[str]:
+    """``key: stored X, from the items Y`` for each stored number the computed group does not give back."""
+    out = []
+    for key, value in stored.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        got = computed.get(key)
+        close = got is not None and (abs(round(got, 2) - value) < 1e-9 if rounded
+                                     else abs(got - value) <= 1e-9 * max(1.0, abs(value)))
+        if not close:
+            out.append(f"{key}: stored {value}, from the items {'none' if got is None else round(got, 6)}")
+    return out
+
+
+def _by_type(items: list[dict]) -> dict[object, list[dict]]:
+    groups: dict[object, list[dict]] = {}
+    for item in sorted(items, key=lambda i: i.get("id", 0)):
         groups.setdefault(item.get("QuestionType"), []).append(item)
-    by_type = {qt: _ordered(_means(group, scale, with_time), by_type_old.get(qt, {}), rounded)
-               for qt, group in groups.items()}
-    by_type = _ordered(by_type, by_type_old, False)
+    return groups
+
+
+class Level:
+    """One level of a file's aggregates (``by_question_type`` or flat groups, or ``overall``): its stored
+    groups, the items behind each as the file holds them, and the rule that reproduces them."""
+
+    def __init__(self, name: str, stored: dict[str, dict], groups: dict[object, list[dict]], rounded: bool):
+        self.name, self.stored, self.rounded = name, stored, rounded
+        self.with_time = any(isinstance(g, dict) and "ProcessingTime" in g for g in stored.values())
+        self.rule, self.problems = None, []
+        for rule in SHARE_RULES:
+            problems = [f"{name}/{group}: {d}" for group, values in stored.items() if isinstance(values, dict)
+                        for d in _disagreements(values, _means(groups.get(group, []), rule, self.with_time), rounded)]
+            if not problems:
+                self.rule, self.problems = rule, []
+                break
+            if rule == SHARE_RULES[0]:
+                self.problems = problems
+
+    def group(self, key, items: list[dict], unchanged: bool, rule: ShareRule) -> dict:
+        """A group's values: as stored when its items did not change, else recomputed by ``rule``."""
+        if unchanged and key in self.stored:
+            return self.stored[key]
+        return _ordered(_means(items, rule, self.with_time), self.stored.get(key, {}), self.rounded)
+
+
+def recompute_aggregates(aggregates: dict, old_items: list[dict], items: list[dict], force: bool = False
+                         ) -> tuple[dict, str | None]:
+    """``aggregate_metrics`` for ``items``, by the rule the file itself used (inferred per level from its
+    stored values and ``old_items``, the items they were computed from), in the shape it already has
+    (nested by_question_type/overall or flat by QuestionType; rounded or not; with or without
+    ProcessingTime; the same key order). A group whose items did not change keeps its stored values.
+    When no rule gives the stored values back, the aggregates are returned as they were with a message
+    naming what disagrees, unless ``force`` (then the first rule that fits the file's shares is used)."""
+    nested = "by_question_type" in aggregates
+    rounded = _is_rounded(aggregates)
+    old_groups, new_groups = _by_type(old_items), _by_type(items)
+    by_type_stored = aggregates.get("by_question_type", {}) if nested else aggregates
+    levels = [Level("by_question_type" if nested else "groups", by_type_stored, old_groups, rounded)]
+    old_all, new_all = sorted(old_items, key=lambda i: i.get("id", 0)), sorted(items, key=lambda i: i.get("id", 0))
+    if nested:
+        levels.append(Level("overall", {"overall": aggregates.get("overall", {})}, {"overall": old_all}, rounded))
+    problems = [p for level in levels for p in level.problems]
+    if problems and not force:
+        return aggregates, "no rule gives the stored aggregate_metrics back (" + "; ".join(problems[:6]) + \
+            (f"; {len(problems) - 6} more" if len(problems) > 6 else "") + ")"
+    fallback = ShareRule(_fraction_or_percent(aggregates), False)
+    keep = not problems  # forced over values no rule gives back: every group from its items
+    types = levels[0]
+    by_type = {qt: types.group(qt, group, keep and old_groups.get(qt) == group, types.rule or fallback)
+               for qt, group in new_groups.items()}
+    by_type = _ordered(by_type, by_type_stored, False)
     if not nested:
-        return by_type
-    overall = _means(items, scale, with_time, share_of=len(items))
-    result = {}
-    for key in aggregates:
-        result[key] = by_type if key == "by_question_type" else _ordered(overall, aggregates["overall"], rounded) \
-            if key == "overall" else aggregates[key]
-    return result
+        return by_type, None
+    overall = levels[1].group("overall", new_all, keep and old_all == new_all, levels[1].rule or fallback)
+    return {key: by_type if key == "by_question_type" else overall if key == "overall" else aggregates[key]
+            for key in aggregates}, None
+
+
+def _fraction_or_percent(aggregates: dict) -> float:
+    """ECR/Pass as a fraction or a percentage, by the stored shares (only for --recompute-aggregates)."""
+    shares = [group[m] for group in aggregates.values() if isinstance(group, dict)
+              for m in BOOLEAN_METRICS if isinstance(group.get(m), (int, float))]
+    return 1.0 if shares and all(v <= 1 for v in shares) else 100.0

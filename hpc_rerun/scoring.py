@@ -23,12 +23,14 @@ _PUNCTUATION = set(string.punctuation)
 _CODE = re.compile(r"import pandas as pd.*?plt\.show\(\)", re.DOTALL)
 
 
-def normalise(text: str) -> str:
-    """Decimals rounded to 1 place, lower case, no punctuation or articles, single spaces; '' -> '#'."""
+def normalise(text: str, empty: str = "#") -> str:
+    """Decimals rounded to 1 place, lower case, no punctuation or articles, single spaces; nothing left ->
+    ``empty`` ('#' for a prediction; a reference stays '', so an articles-only answer such as choice "A"
+    scores 0 against reference "A", as the benchmark's stored metrics have it)."""
     text = _DECIMAL.sub(lambda m: str(round(float(m.group()), 1)), text)
     text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     text = " ".join(_ARTICLES.sub(" ", text).split())
-    return text or "#"
+    return text or empty
 
 
 def _f1(reference: str, prediction: str) -> float:
@@ -44,7 +46,7 @@ def text_metrics(reference: str, prediction: str) -> dict[str, float]:
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    ref, pred = normalise(str(reference)), normalise(str(prediction))
+    ref, pred = normalise(str(reference), empty=""), normalise(str(prediction))
     rouge = rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
     return {
         "F1": round(_f1(ref, pred) * 100, 2),

@@ -59,8 +59,17 @@ def test_users_rerun_replaces_the_oom_errors_of_text_html(mini_results):
         assert by_id[task_id]["Prediction"] == rerun[task_id]["Prediction"]
         assert not by_id[task_id]["Prediction"].startswith("[ERROR]")
         assert Path(by_id[task_id]["hpc_rerun"]["source"]).parent.name == "rerun-text_html-truncate"
-    # The aggregates are the means of the merged items (computed here on their own), and the group whose
-    # OOM items were replaced changed.
+    # The excerpt's aggregates are those of the users' whole 3,071-item file: no rule gives them back from
+    # these 31 items, so the merge leaves them as they were and says so ...
+    assert merged["aggregate_metrics"] == original["aggregate_metrics"]
+    assert "aggregate_metrics left as they were: no rule gives the stored aggregate_metrics back" in result.output
+    assert "--recompute-aggregates" in result.output
+    # ... and rewrites them when told to: the means of the merged items (computed here on their own), and
+    # the group whose OOM items were replaced changed.
+    result = run_cli("merge-shards", "--into", mini_results / "complied", "--from",
+                     mini_results / "rerun-text_html-truncate", "--recompute-aggregates")
+    assert result.exit_code == 0, result.output
+    merged = load(target)
     by_type = merged["aggregate_metrics"]["by_question_type"]
     for question_type, group in by_type.items():
         items = [i for i in merged["results"] if i["QuestionType"] == question_type]
@@ -73,14 +82,14 @@ def test_users_rerun_replaces_the_oom_errors_of_text_html(mini_results):
     for item in original["results"]:
         if item["id"] not in (2747, 2748, 2749):
             assert by_id[item["id"]] == item, "every other item is unchanged"
-    backups = list(target.parent.glob("results.json.bak-*"))
-    assert len(backups) == 1 and backups[0].read_bytes() == original_bytes
+    backups = sorted(target.parent.glob("results.json.bak-*"))  # one per merge that wrote, none overwritten
+    assert len(backups) == 2 and backups[0].read_bytes() == original_bytes
     # Idempotent: a second merge changes no byte and makes no second backup.
     after_first = target.read_bytes()
     again = run_cli("merge-shards", "--into", mini_results / "complied",
                     "--from", mini_results / "rerun-text_html-truncate")
     assert again.exit_code == 0 and target.read_bytes() == after_first
-    assert len(list(target.parent.glob("results.json.bak-*"))) == 1
+    assert len(list(target.parent.glob("results.json.bak-*"))) == 2
 
 
 @pytest.fixture

@@ -38,6 +38,17 @@ def test_scoring_reproduces_every_stored_metric():
 def test_normalisation():
     assert normalise("The Total is 3.14159, an  estimate!") == "total is 31 estimate"
     assert normalise("  ") == "#"
+
+
+def test_an_articles_only_answer_scores_zero_as_the_stored_metrics_have_it():
+    """Choice "A" against reference "A": normalisation removes the article, the prediction becomes '#' and
+    the reference stays empty, so the benchmark stores F1, EM and ROUGE-L 0 (31 such items in the users'
+    tree); "B" against "B" scores 100."""
+    from hpc_rerun.scoring import text_metrics
+
+    assert text_metrics("A", "A") == {"F1": 0.0, "EM": 0.0, "ROUGE-L": 0.0, "SacreBLEU": 0.0}
+    assert text_metrics("the", "A")["EM"] == 0.0
+    assert text_metrics("B", "B")["F1"] == text_metrics("B", "B")["EM"] == 100.0
     assert extract_plot_code("x\n[Final Answer]: import pandas as pd\nimport pandas as pd\nplt.show()\nmore") == (
         "import pandas as pd\nplt.show()")
 
