@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_point, sha256_file
+from .derived import refresh as refresh_derived
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
 from .shards import read_records
 
@@ -48,6 +49,7 @@ class ConfigMerge:
     backup: Path | None = None
     problem: str | None = None
     aggregates_kept: str | None = None  # why aggregate_metrics were left as they were (no rule reproduces them)
+    derived: list[str] = field(default_factory=list)  # aggregate_metrics.csv/.md beside the file, refreshed
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -189,7 +191,8 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
                               "Check it, then merge with --force to merge into it anyway")
             return report
     items = merge_items(result.items, new, overwrite, with_provenance, report)
-    writes = [(path, dump_json(rebuild(result, items, report, recompute_aggregates)))]
+    rebuilt = rebuild(result, items, report, recompute_aggregates)
+    writes = [(path, dump_json(rebuilt))]
     checkpoint = path.parent / "checkpoint.json"
     if checkpoint.exists():  # the fork's resume file: rerun exactly what is not a success
         checkpoint_data = {"results": items, "processed_ids": [i["id"] for i in items if item_ok(i)]}
@@ -197,15 +200,16 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
     # Each file is compared with what it should be, so a rerun after a crash finishes the job.
     pending = [(target, payload) for target, payload in writes if target.read_bytes() != payload]
     report.changed = bool(pending)
-    if not pending or dry_run:
-        return report
-    for target, payload in pending:
-        saved = backup(target, now)
-        if target == path:
-            report.backup = saved
-            about_to_write(hashlib.sha256(payload).hexdigest())
-        fault_point(f"{target}: backup written")
-        atomic_write_bytes(target, payload)
+    if not dry_run:
+        for target, payload in pending:
+            saved = backup(target, now)
+            if target == path:
+                report.backup = saved
+                about_to_write(hashlib.sha256(payload).hexdigest())
+            fault_point(f"{target}: backup written")
+            atomic_write_bytes(target, payload)
+    if isinstance(rebuilt.get("aggregate_metrics"), dict):  # after the file itself: a rerun finishes the job
+        report.derived = [str(p) for p in refresh_derived(path, rebuilt["aggregate_metrics"], dry_run=dry_run)]
     return report
 
 

@@ -1,0 +1,63 @@
+"""The tables users derive from aggregate_metrics (aggregate_metrics.csv / .md), in their own shapes: from the
+users' stored aggregates they come out byte for byte as the users' own files, and a merge refreshes them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hpc_rerun.cli import main
+from hpc_rerun.derived import CSV_NAME, MARKDOWN_NAME, aggregate_tables
+
+MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
+SHARED = ["qwen3vl_text/text_html", "qwen3vl_text/text_json", "qwen3vl_default_pic/mix_markdown",
+          "qwen3vl_resize_pic/image"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("config", SHARED)
+def test_the_users_own_tables_come_out_byte_for_byte(config):
+    """Four real files, four layouts and conventions: nested and flat, rounded and not, shares as fractions
+    (shown as percentages) and percentages, with and without ProcessingTime."""
+    folder = MINI / "results" / "complied" / config
+    aggregates = json.loads((folder / "results.json").read_text())["aggregate_metrics"]
+    tables = aggregate_tables(aggregates)
+    assert tables[CSV_NAME] == (folder / CSV_NAME).read_bytes()
+    assert tables[MARKDOWN_NAME] == (folder / MARKDOWN_NAME).read_bytes()
+
+
+def test_report_rewrites_nothing_that_is_current_and_creates_on_request(tmp_path):
+    tree = tmp_path / "results"
+    shutil.copytree(MINI / "results" / "complied", tree)
+    before = {p: p.read_bytes() for p in tree.rglob("aggregate_metrics.*")}
+    result = run_cli("report", tree, "--json")
+    assert result.exit_code == 0 and all(v == [] for v in json.loads(result.output)["written"].values())
+    assert {p: p.read_bytes() for p in tree.rglob("aggregate_metrics.*")} == before
+    (tree / "qwen3vl_text" / "text_html" / CSV_NAME).unlink()
+    assert "0 file(s) written" in run_cli("report", tree).output, "a missing table is not made without --create"
+    result = run_cli("report", tree, "--create")
+    assert result.exit_code == 0 and "1 file(s) written" in result.output
+    assert (tree / "qwen3vl_text" / "text_html" / CSV_NAME).read_bytes() == before[tree / "qwen3vl_text" /
+                                                                                    "text_html" / CSV_NAME]
+
+
+def test_a_merge_refreshes_the_tables_beside_the_file_it_changed(tmp_path):
+    tree = tmp_path / "results"
+    shutil.copytree(MINI / "results", tree)
+    folder = tree / "complied" / "qwen3vl_text" / "text_html"
+    original = (folder / CSV_NAME).read_bytes()
+    result = run_cli("merge-shards", "--into", tree / "complied", "--from", tree / "rerun-text_html-truncate",
+                     "--recompute-aggregates")
+    assert result.exit_code == 0, result.output
+    aggregates = json.loads((folder / "results.json").read_text())["aggregate_metrics"]
+    assert (folder / CSV_NAME).read_bytes() == aggregate_tables(aggregates)[CSV_NAME] != original
+    assert (folder / MARKDOWN_NAME).read_bytes() == aggregate_tables(aggregates)[MARKDOWN_NAME]
+    untouched = tree / "complied" / "qwen3vl_text" / "text_json" / CSV_NAME
+    assert untouched.read_bytes() == (MINI / "results" / "complied" / "qwen3vl_text" / "text_json" / CSV_NAME).read_bytes()
