@@ -588,6 +588,68 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
         sys.exit(EXIT_BAD_INPUT)
 
 
+@main.command()
+@click.argument("results_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Benchmark data folder (tables/*.xlsx, for the Visualization code).")
+@click.option("--config", "only", multiple=True, help="Only this configuration (repeatable).")
+@click.option("--write", is_flag=True, help="Rewrite the items whose Metrics differ, and their aggregates.")
+@click.option("--recompute-aggregates", is_flag=True,
+              help="With --write: rewrite aggregate_metrics even where no rule gives the stored values back.")
+@click.option("--jobs", type=int, help="Items scored at once (Visualization code runs in its own process).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def rescore(results_root, data_root, only, write, recompute_aggregates, jobs, as_json):
+    """Recompute every answered item's Metrics from its own Reference and Prediction; show what differs.
+
+    Text metrics as the benchmark scores them; Visualization code runs in the sandbox against
+    tables/<FileName>.xlsx. Without --write nothing is written and the exit code is 1 when some stored
+    Metrics differ; with --write those items and their aggregate_metrics are rewritten (the file's own
+    rule; untouched groups keep their numbers), atomically with a backup, and aggregate_metrics.csv/.md
+    beside them refreshed.
+
+    \b
+    Examples:
+      hpc-rerun rescore result/complied --data-root data
+      hpc-rerun rescore result/complied --data-root data --config qwen3vl_text/text_csv --write
+    """
+    from rich.progress import Progress
+
+    from .merge import MergeLocked
+    from .rescore import rescore as rescore_tree
+
+    with Progress(transient=True, disable=as_json) as bar:
+        task = bar.add_task("rescoring", total=None)
+        try:
+            reports = rescore_tree(results_root, data_root, write=write, recompute=recompute_aggregates,
+                                   only=list(only), jobs=jobs, progress=lambda n: bar.advance(task, n))
+        except MergeLocked as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    problems = [r.problem for r in reports if r.problem]
+    reports = [r for r in reports if not r.problem]
+    if as_json:
+        click.echo(json.dumps({"write": write, "configs": [r.to_json() for r in reports], "problems": problems},
+                              indent=2))
+    else:
+        for r in reports:
+            metrics = ", ".join(f"{name} {count}" for name, count in sorted(r.changed.items())) or "-"
+            click.echo(f"{r.config}: {r.items} answered, {r.changed_items} differ ({metrics})"
+                       f"{', written' if r.written else ''}")
+            for example in r.examples:
+                click.echo(f"  id {example['id']}: stored {example['stored']} -> {example['rescored']}")
+        total = sum(r.changed_items for r in reports)
+        click.echo(f"{total} item(s) whose stored Metrics differ{'' if write or not total else ' (--write to fix)'}")
+    for r in reports:
+        if r.aggregates_kept:
+            click.echo(f"warning: {r.aggregates_kept}", err=True)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_BAD_INPUT)
+    if not write and any(r.changed_items for r in reports):
+        sys.exit(EXIT_GAPS)
+
+
 @main.command("report")
 @click.argument("results_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--create", is_flag=True, help="Also write the tables beside result files that have none yet.")

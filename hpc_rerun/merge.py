@@ -127,21 +127,21 @@ def merge_items(items: list[dict], new: dict[int, dict], overwrite: bool, with_p
     return merged
 
 
-def rebuild(result: ResultFile, items: list[dict], report: ConfigMerge, recompute: bool = False) -> dict:
+def rebuild(result: ResultFile, items: list[dict], recompute: bool = False) -> tuple[dict, str | None]:
     """The file's top level with new items and aggregates (by the file's own rule; see results.py), every
-    other key as it was, in order."""
-    out = {}
+    other key as it was, in order; and why its aggregates were left as they were, if they were."""
+    out, why = {}, None
     for key, value in result.data.items():
         if key == "results":
             out[key] = items
         elif key == "aggregate_metrics" and isinstance(value, dict):
             out[key], kept = recompute_aggregates(value, result.items, items, force=recompute)
             if kept and items != result.items:
-                report.aggregates_kept = (f"{result.path}: aggregate_metrics left as they were: {kept}. Merge with "
-                                          "--recompute-aggregates to rewrite them from the items")
+                why = (f"{result.path}: aggregate_metrics left as they were: {kept}. Use --recompute-aggregates "
+                       "to rewrite them from the items")
         else:
             out[key] = value
-    return out
+    return out, why
 
 
 def backup(path: Path, now: dt.datetime) -> Path:
@@ -191,7 +191,7 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
                               "Check it, then merge with --force to merge into it anyway")
             return report
     items = merge_items(result.items, new, overwrite, with_provenance, report)
-    rebuilt = rebuild(result, items, report, recompute_aggregates)
+    rebuilt, report.aggregates_kept = rebuild(result, items, recompute_aggregates)
     writes = [(path, dump_json(rebuilt))]
     checkpoint = path.parent / "checkpoint.json"
     if checkpoint.exists():  # the fork's resume file: rerun exactly what is not a success

@@ -170,6 +170,7 @@ class ShardRunner:
             "image_pixels": (request.image.size[0] * request.image.size[1]) if request and request.image else None,
             "retries": ti.retries if ti else 0,
             "error_class": error_class,
+            "reference_from": self.spec.task_list,  # the Reference it was scored against (some stored items differ)
             "greedy": not self.generation.get("do_sample", False),
         }
 
