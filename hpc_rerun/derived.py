@@ -60,3 +60,58 @@ def refresh(result_path: Path, aggregates: dict, create: bool = False, dry_run: 
                 atomic_write_bytes(path, content)
             written.append(path)
     return written
+
+
+# The users' score per question type (their modality_summary.csv): the mean of these metrics, ECR/Pass as
+# percentages of all the type's items.
+TYPE_SCORE_METRICS = {"Data Analysis": ("EM", "F1", "ROUGE-L"), "Visualization": ("ECR", "Pass")}
+DEFAULT_SCORE_METRICS = ("EM", "F1")
+
+
+def type_scores(items: list[dict]) -> dict[str, float]:
+    """Per question type, the users' score of these items."""
+    from .results import ShareRule, _by_type, _means
+
+    scores = {}
+    for question_type, group in _by_type(items).items():
+        means = _means(group, ShareRule(100.0, False), with_time=False)
+        wanted = TYPE_SCORE_METRICS.get(question_type, DEFAULT_SCORE_METRICS)
+        if all(m in means for m in wanted):
+            scores[str(question_type)] = sum(means[m] for m in wanted) / len(wanted)
+    return scores
+
+
+def write_merge_report(folder: Path, rows: list[dict]) -> list[Path]:
+    """``merge-report.md`` and ``merge-report.png`` in ``folder``: per configuration and question type the
+    score before and after a merge, and the items it changed. ``rows``: config, question_type, before,
+    after, changed (ids)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=["config", "question_type", "before", "after", "changed"])
+    frame["change"] = frame["after"] - frame["before"]
+    lines = ["# Merge: scores before and after", "",
+             "Score per question type as the users' modality summary counts it: mean of EM and F1 (Data "
+             "Analysis: EM, F1, ROUGE-L; Visualization: ECR and Pass, % of the type's items).", ""]
+    table = frame.assign(changed=frame["changed"].map(lambda ids: ", ".join(map(str, ids)) or "-"))
+    lines.append(table.to_markdown(index=False, floatfmt=".2f"))
+    markdown = folder / "merge-report.md"
+    atomic_write_bytes(markdown, ("\n".join(lines) + "\n").encode())
+    labels = [f"{r.config}\n{r.question_type}" for r in frame.itertuples()]
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.5))
+    positions = range(len(labels))
+    axis.bar([p - 0.2 for p in positions], frame["before"].fillna(0), width=0.4, label="before")
+    bars = axis.bar([p + 0.2 for p in positions], frame["after"].fillna(0), width=0.4, label="after")
+    axis.bar_label(bars, labels=[f"{v:.2f}" for v in frame["after"].fillna(0)], fontsize=7)
+    axis.set_xticks(list(positions), labels, rotation=60, ha="right", fontsize=7)
+    axis.set_ylabel("score")
+    axis.set_title("Merge: score per configuration and question type")
+    axis.legend()
+    figure.tight_layout()
+    chart = folder / "merge-report.png"
+    figure.savefig(chart, dpi=120)
+    plt.close(figure)
+    return [markdown, chart]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_point, sha256_file
 from .derived import refresh as refresh_derived
+from .derived import type_scores, write_merge_report
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
 from .shards import read_records
 
@@ -50,6 +51,8 @@ class ConfigMerge:
     problem: str | None = None
     aggregates_kept: str | None = None  # why aggregate_metrics were left as they were (no rule reproduces them)
     derived: list[str] = field(default_factory=list)  # aggregate_metrics.csv/.md beside the file, refreshed
+    scores: dict[str, list] = field(default_factory=dict)  # question type -> [score before, after] (changed files)
+    changed_by_type: dict[str, list[int]] = field(default_factory=dict)  # question type -> ids replaced or added
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -192,6 +195,12 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
             return report
     items = merge_items(result.items, new, overwrite, with_provenance, report)
     rebuilt, report.aggregates_kept = rebuild(result, items, recompute_aggregates)
+    if items != result.items:
+        before, after = type_scores(result.items), type_scores(items)
+        report.scores = {t: [before.get(t), after.get(t)] for t in sorted(set(before) | set(after))}
+        types = {item["id"]: str(item.get("QuestionType")) for item in items}
+        for task_id in sorted(report.replaced + report.inserted + report.overwritten):
+            report.changed_by_type.setdefault(types.get(task_id), []).append(task_id)
     writes = [(path, dump_json(rebuilt))]
     checkpoint = path.parent / "checkpoint.json"
     if checkpoint.exists():  # the fork's resume file: rerun exactly what is not a success
@@ -300,5 +309,19 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
                     planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
                     with_provenance=with_provenance, recompute_aggregates=recompute_aggregates)
     problems += [r.problem for r in reports if r.problem]
+    if run_dir is not None and not dry_run and any(r.changed for r in reports):
+        write_merge_report(run_dir, merge_rows(reports))
     plan["results_root"] = str(results_root)
     return reports, problems, plan
+
+
+def merge_rows(reports: list[ConfigMerge]) -> list[dict]:
+    """The before/after rows of the configurations a merge changed: every question type, the ids it changed."""
+    rows = []
+    for report in reports:
+        if not report.changed:
+            continue
+        for question_type, (before, after) in report.scores.items():
+            rows.append({"config": report.config, "question_type": question_type, "before": before, "after": after,
+                         "changed": report.changed_by_type.get(question_type, [])})
+    return rows

@@ -61,3 +61,30 @@ def test_a_merge_refreshes_the_tables_beside_the_file_it_changed(tmp_path):
     assert (folder / MARKDOWN_NAME).read_bytes() == aggregate_tables(aggregates)[MARKDOWN_NAME]
     untouched = tree / "complied" / "qwen3vl_text" / "text_json" / CSV_NAME
     assert untouched.read_bytes() == (MINI / "results" / "complied" / "qwen3vl_text" / "text_json" / CSV_NAME).read_bytes()
+
+
+def test_a_merge_writes_a_before_and_after_report_naming_every_changed_item(gappy_benchmark, tiny_model_dir):
+    """Into the run directory: per configuration and question type the score before and after, and the ids
+    the merge changed, as Markdown and a chart."""
+    from PIL import Image
+
+    from hpc_rerun.shards import ShardSpec, records_path
+
+    from .test_runs import plan_run
+
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 1)
+    spec_path = run_dir / "attempt-1" / "shard-0000.json"
+    tasks = ShardSpec.read(spec_path).tasks
+    with open(records_path(spec_path), "w") as out:
+        for task in tasks:
+            out.write(json.dumps({"id": task["id"], "Prediction": "Yes", "QuestionType": "Fact Checking",
+                                  "Metrics": {"F1": 100.0, "EM": 100.0, "ROUGE-L": 100.0, "SacreBLEU": 100.0},
+                                  "provenance": {"config": task["config"], "attempt": 1}}) + "\n")
+    result = run_cli("merge-shards", run_dir)
+    assert result.exit_code == 0, result.output
+    report = (run_dir / "merge-report.md").read_text()
+    for task in tasks:
+        assert str(task["id"]) in report, task
+    assert "qwen3vl_text/text_json" in report and "| before" in report.replace("|   before", "| before")
+    with Image.open(run_dir / "merge-report.png") as chart:
+        assert chart.size[0] >= 600 and chart.size[1] >= 400
