@@ -17,7 +17,7 @@ import json
 import math
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .atomic import atomic_write_json, sha256_file
@@ -49,6 +49,7 @@ class TaskCost:
     seconds: float
     overrides: dict = field(default_factory=dict)  # per-task token_budget / max_pixels (escalation)
     group: tuple = ()  # (configuration, table, question type): kept in one shard, its beginning prefilled once
+    alone_s: float | None = None  # its seconds as the first of its group (when a group must be split)
 
     def entry(self) -> dict:
         return {"config": self.config, "id": self.id, **self.overrides}
@@ -136,7 +137,8 @@ class CostModel:
             group = (config.name, task.file_name, task.question_type)
             seconds = self.seconds(task, tokens, shared=group in seen) * scale
             seen.add(group)
-            costs.append(TaskCost(config.name, task.id, tokens, seconds, overrides, group))
+            costs.append(TaskCost(config.name, task.id, tokens, seconds, overrides, group,
+                                  self.seconds(task, tokens) * scale))
         return costs
 
 
@@ -177,13 +179,27 @@ def load_tokenizer(model_path: str | None):
         return None
 
 
-def pack_shards(costs: list[TaskCost], n_shards: int) -> list[list[TaskCost]]:
-    """Whole groups (``TaskCost.group``; a task without one alone), longest-first onto the least-loaded
-    shard, then move groups off the heaviest while it helps."""
-    units: dict[object, list[TaskCost]] = {}
+def split_groups(costs: list[TaskCost], units: int) -> list[list[TaskCost]]:
+    """The tasks as whole groups (``TaskCost.group``; a task without one alone); while there are fewer
+    than ``units`` and a group has several tasks, the heaviest is halved, and the first task of the new
+    half pays for the table again (``alone_s``): more shards than groups, each a whole share."""
+    by_group: dict[object, list[TaskCost]] = {}
     for n, cost in enumerate(costs):
-        units.setdefault(cost.group or n, []).append(cost)
-    groups = list(units.values())
+        by_group.setdefault(cost.group or n, []).append(cost)
+    groups = list(by_group.values())
+    while len(groups) < units and any(len(g) > 1 for g in groups):
+        heaviest = max((g for g in groups if len(g) > 1), key=lambda g: sum(c.seconds for c in g))
+        half = len(heaviest) // 2
+        first = heaviest[half]
+        groups.remove(heaviest)
+        groups += [heaviest[:half], [replace(first, seconds=first.alone_s or first.seconds), *heaviest[half + 1:]]]
+    return groups
+
+
+def pack_shards(costs: list[TaskCost], n_shards: int) -> list[list[TaskCost]]:
+    """Whole groups (see split_groups) longest-first onto the least-loaded shard, then move groups off the
+    heaviest while it helps."""
+    groups = split_groups(costs, n_shards)
     weight = {id(g): sum(c.seconds for c in g) for g in groups}
     n_shards = max(1, min(n_shards, len(groups)))
     shards: list[list[list[TaskCost]]] = [[] for _ in range(n_shards)]

@@ -55,7 +55,7 @@ def test_a_group_pays_for_its_table_once_and_stays_in_one_shard(tmp_path):
     first, later = costs[0].seconds, [c.seconds for c in costs[1:3]]
     assert max(later) < first / 50, (first, later)
     assert costs[3].seconds >= first, "another question type prompts differently: it pays for the table"
-    for shards in (2, 3, 5):
+    for shards in (2, 3):  # as many groups as shards or more (split_groups: fewer)
         packed_shards = pack_shards(costs, shards)
         homes = {}
         for number, shard in enumerate(packed_shards):
@@ -63,3 +63,22 @@ def test_a_group_pays_for_its_table_once_and_stays_in_one_shard(tmp_path):
                 homes.setdefault(cost.group, set()).add(number)
         assert all(len(h) == 1 for h in homes.values()), homes
         assert sorted(c.id for s in packed_shards for c in s) == sorted(c.id for c in costs)
+
+
+def test_more_shards_than_groups_split_the_heaviest_groups_and_charge_their_table_again(tmp_path):
+    from hpc_rerun.benchmark import Config, Variant
+    from hpc_rerun.plan import pack_shards
+
+    (tmp_path / "html").mkdir()
+    (tmp_path / "html" / "big.html").write_text("<td>1</td>\n" * 300_000)
+    model = CostModel(tmp_path, generation={"max_new_tokens": 128})
+    config, variant = Config.parse("qwen3vl_text/text_html"), Variant("qwen3vl_text")
+    tasks = [Task(n, "big", "Fact Checking", None, f"question {n}?", "a") for n in range(6)]
+    costs = model.costs([(config, t, variant, {}) for t in tasks])
+    one_shard = pack_shards(costs, 1)
+    three = pack_shards(costs, 3)
+    assert len(one_shard) == 1 and len(three) == 3
+    assert sorted(c.id for s in three for c in s) == list(range(6))
+    heavy = costs[0].seconds
+    assert all(max(c.seconds for c in shard) == pytest.approx(heavy) for shard in three), \
+        "each shard's first task of the group pays for the table"

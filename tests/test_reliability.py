@@ -268,7 +268,8 @@ def test_a_shard_past_its_time_limit_is_resubmitted_with_twice_the_time_in_small
     it does not requeue itself but ends (Slurm books it FAILED, submitit's result says timed out: status
     calls it TIMEOUT). resubmit plans twice the time and twice the shards, Slurm runs them with that limit,
     and the merge completes the tree."""
-    run_dir = plan_demo(demo_paths, 1, "--profile", profile_with(tmp_path, time_min=1, max_requeues=0))
+    # USR2 20 s before the limit, not at start-up (before submitit has put its handler in place)
+    run_dir = plan_demo(demo_paths, 1, "--profile", profile_with(tmp_path, time_min=1, max_requeues=0, signal_delay_s=20))
     config = demo_paths["model"] / "config.json"
     saved = config.read_bytes()
     config.unlink()
