@@ -516,6 +516,16 @@ def demo(directory, executor):
         sys.exit(EXIT_GAPS)
 
 
+def warn_and_exit_on_problems(warnings: list[str | None], problems: list[str]) -> None:
+    """Warnings (aggregates left as they were) and errors on stderr; exit 3 if an input could not be used."""
+    for warning in filter(None, warnings):
+        click.echo(f"warning: {warning}", err=True)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_BAD_INPUT)
+
+
 @main.command("merge-shards")
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--into", "results_root", type=click.Path(file_okay=False, path_type=Path),
@@ -579,13 +589,7 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
         from .report import print_scan
 
         print_scan(rescan_after_merge(reports, plan, data_root, task_list))
-    for report in reports:
-        if report.aggregates_kept:
-            click.echo(f"warning: {report.aggregates_kept}", err=True)
-    for problem in problems:
-        click.echo(f"error: {problem}", err=True)
-    if problems:
-        sys.exit(EXIT_BAD_INPUT)
+    warn_and_exit_on_problems([r.aggregates_kept for r in reports], problems)
 
 
 @main.command()
@@ -639,13 +643,7 @@ def rescore(results_root, data_root, only, write, recompute_aggregates, jobs, as
                 click.echo(f"  id {example['id']}: stored {example['stored']} -> {example['rescored']}")
         total = sum(r.changed_items for r in reports)
         click.echo(f"{total} item(s) whose stored Metrics differ{'' if write or not total else ' (--write to fix)'}")
-    for r in reports:
-        if r.aggregates_kept:
-            click.echo(f"warning: {r.aggregates_kept}", err=True)
-    for problem in problems:
-        click.echo(f"error: {problem}", err=True)
-    if problems:
-        sys.exit(EXIT_BAD_INPUT)
+    warn_and_exit_on_problems([r.aggregates_kept for r in reports], problems)
     if not write and any(r.changed_items for r in reports):
         sys.exit(EXIT_GAPS)
 
