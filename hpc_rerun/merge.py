@@ -25,6 +25,7 @@ from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_poin
 from .derived import refresh as refresh_derived
 from .derived import type_scores, write_merge_report
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
+from .scoring import in_convention, not_run_pass
 from .shards import read_records
 
 ITEM_KEYS = ("id", "FileName", "QuestionType", "SubQType", "Question", "Reference", "Prediction", "Metrics",
@@ -107,8 +108,11 @@ def merge_items(items: list[dict], new: dict[int, dict], overwrite: bool, with_p
         by_id.setdefault(item["id"], []).append(pos)
     merged = list(items)
     drop: set[int] = set()
+    not_run = not_run_pass(items)
     for task_id, record in sorted(new.items()):
         candidate = to_item(record, with_provenance)
+        if "Metrics" in candidate:  # the file's own Pass for chart code that did not run
+            candidate["Metrics"] = in_convention(candidate["Metrics"], not_run)
         positions = by_id.get(task_id)
         if positions is not None and len(positions) == 1 and items[positions[0]] == candidate:
             continue  # merged before

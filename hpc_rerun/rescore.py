@@ -22,7 +22,7 @@ from .benchmark import ERROR_PREFIX, Task
 from .derived import refresh as refresh_derived
 from .merge import backup, rebuild, results_lock
 from .results import ResultFileError, load_result_file
-from .scoring import score
+from .scoring import in_convention, not_run_pass, score
 
 EXAMPLES = 3
 
@@ -68,7 +68,8 @@ def rescore_file(config: str, path: Path, data_root: Path, *, write: bool, jobs:
             progress(1)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        metrics = list(pool.map(rescored, answered))
+        not_run = not_run_pass(result.items)
+        metrics = [in_convention(m, not_run) for m in pool.map(rescored, answered)]
     new_metrics = {id(item): m for item, m in zip(answered, metrics) if m != item.get("Metrics")}
     for item in answered:
         if id(item) not in new_metrics:

@@ -106,6 +106,21 @@ def visualization_metrics(task: Task, prediction: str, data_root: Path) -> dict:
     return {"ECR": True, "Pass": _flat_rounded(run.y_values) == expected}
 
 
+def not_run_pass(items: list[dict]) -> object:
+    """What a file stores as ``Pass`` for Visualization code that did not run (ECR false): the benchmark
+    writes 'None', some of the users' files False. The file's own most common value; 'None' without one."""
+    seen = [i["Metrics"].get("Pass") for i in items if isinstance(i.get("Metrics"), dict)
+            and i["Metrics"].get("ECR") is False]
+    return False if sum(v is False for v in seen) > sum(v == "None" for v in seen) else "None"
+
+
+def in_convention(metrics: dict, not_run: object) -> dict:
+    """``metrics`` with the file's ``Pass`` for code that did not run."""
+    if isinstance(metrics, dict) and metrics.get("ECR") is False and "Pass" in metrics:
+        return dict(metrics, Pass=not_run)
+    return metrics
+
+
 def score(task: Task, prediction: str, data_root: Path) -> dict:
     """The ``Metrics`` object for one answered task."""
     if task.question_type == "Visualization":

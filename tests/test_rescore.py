@@ -61,3 +61,26 @@ def test_stored_metrics_that_differ_are_reported_then_written_and_nothing_else_c
     # the excerpt's aggregates are the full file's: no rule gives them back, so they stay, and it says so
     assert fixed["aggregate_metrics"] == tampered["aggregate_metrics"]
     assert "aggregate_metrics left as they were" in result.output
+
+
+def test_a_file_that_stores_pass_false_for_code_that_did_not_run_keeps_its_convention(tmp_path):
+    """The benchmark writes Pass 'None' when the chart code does not run, some of the users' files False:
+    rescoring such a file finds nothing to change, and a merged answer takes the file's convention."""
+    tree = tmp_path / "results"
+    shutil.copytree(MINI / "results" / "complied", tree)
+    path = tree / "qwen3vl_resize_pic" / "image" / "results.json"
+    data = json.loads(path.read_text())
+    not_run = [i for i in data["results"] if i["Metrics"].get("ECR") is False]
+    assert not_run, "the file has chart answers whose code did not run"
+    for item in not_run:
+        item["Metrics"]["Pass"] = False
+    path.write_text(json.dumps(data, indent=2))
+    result = run_cli("rescore", tree, "--data-root", MINI / "data", "--config", "qwen3vl_resize_pic/image")
+    assert result.exit_code == 0 and "0 differ" in result.output, result.output
+
+    from hpc_rerun.merge import ConfigMerge, merge_items
+
+    record = {"id": 999_999, "QuestionType": "Visualization", "Prediction": "no code here",
+              "Metrics": {"ECR": False, "Pass": "None"}}
+    merged = merge_items(data["results"], {999_999: record}, False, False, ConfigMerge("c", path))
+    assert next(i for i in merged if i["id"] == 999_999)["Metrics"] == {"ECR": False, "Pass": False}
