@@ -651,27 +651,30 @@ def rescore(results_root, data_root, only, write, recompute_aggregates, jobs, as
 @main.command("report")
 @click.argument("results_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--create", is_flag=True, help="Also write the tables beside result files that have none yet.")
+@click.option("--charts", is_flag=True, help="Also draw each configuration's scores and each variant's heat map.")
 @click.option("--dry-run", is_flag=True, help="Show which files would change; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was (or would be) written as JSON.")
-def report_command(results_root, create, dry_run, as_json):
+def report_command(results_root, create, charts, dry_run, as_json):
     """Regenerate the tables users derive from each result file's aggregate_metrics.
 
     Beside <variant>/<config>/results*.json: aggregate_metrics.csv (6 decimals) and aggregate_metrics.md
     (2 decimals), in the users' own shapes (rows by question type, then Overall; EM, F1, ROUGE-L,
     SacreBLEU, Pass, ECR, ProcessingTime). Files that exist are rewritten when they differ (atomically);
     --create writes them where there are none. merge-shards refreshes the existing ones by itself.
+    --charts draws, with matplotlib, <config>/<config>_scores.png (the users' score per question type: mean
+    of EM and F1; Data Analysis with ROUGE-L; Visualization ECR and Pass) and <variant>/scores_heatmap.png.
 
     \b
     Examples:
       hpc-rerun report result/complied --dry-run
       hpc-rerun report result/complied --create
     """
-    from .derived import refresh
+    from .derived import aggregate_type_scores, refresh, write_charts
     from .results import ResultFileError, load_result_file
     from .scan import discover_configs
 
     files, problems = discover_configs(results_root)
-    written = {}
+    written, scores = {}, {}
     for config, path in sorted(files.items(), key=lambda kv: kv[0].name):
         try:
             result = load_result_file(path)
@@ -681,6 +684,11 @@ def report_command(results_root, create, dry_run, as_json):
         aggregates = result.data.get("aggregate_metrics") if isinstance(result.data, dict) else None
         if isinstance(aggregates, dict) and aggregates:
             written[config.name] = [str(p) for p in refresh(path, aggregates, create=create, dry_run=dry_run)]
+            scores.setdefault(path.parent.parent, {})[path.parent.name] = aggregate_type_scores(aggregates, result.items)
+    if charts:
+        for variant_dir, by_leaf in scores.items():
+            paths = [] if dry_run else write_charts(variant_dir, by_leaf)
+            written[f"{variant_dir.name} charts"] = [str(p) for p in paths]
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "written": written, "problems": problems}, indent=2))
     else:
@@ -688,7 +696,7 @@ def report_command(results_root, create, dry_run, as_json):
         for path in changed:
             click.echo(f"{'would write' if dry_run else 'wrote'} {path}")
         click.echo(f"{len(changed)} file(s) {'to write' if dry_run else 'written'}; "
-                   f"{len(written)} configuration(s) with aggregate_metrics checked")
+                   f"{sum(map(len, scores.values()))} configuration(s) with aggregate_metrics checked")
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:

@@ -10,6 +10,7 @@ rewrites the ones that exist (atomically), ``report`` also those asked for.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .atomic import atomic_write_bytes
@@ -115,3 +116,74 @@ def write_merge_report(folder: Path, rows: list[dict]) -> list[Path]:
     figure.savefig(chart, dpi=120)
     plt.close(figure)
     return [markdown, chart]
+
+
+QUESTION_TYPES = ["Fact Checking", "Numerical Reasoning", "Structure Comprehending", "Data Analysis", "Visualization"]
+
+
+def aggregate_type_scores(aggregates: dict, items: list[dict] | None = None) -> dict[str, float]:
+    """The users' score per question type from a file's stored aggregates, in the users' order (shares as
+    percentages; a Pass the file counts over ECR-true items, as found from ``items``, made a share of all
+    the type's items, as their summary counts it)."""
+    from .results import Level, _by_type, _is_rounded
+
+    frame = aggregate_frame(aggregates)
+    stored = aggregates.get("by_question_type", aggregates)
+    rule = Level("types", stored, _by_type(items), _is_rounded(aggregates)).rule if items else None
+    scores = {}
+    for question_type in [t for t in QUESTION_TYPES if t in frame.index] + [t for t in frame.index if t not in
+                                                                             QUESTION_TYPES + ["Overall"]]:
+        row = frame.loc[question_type]
+        wanted = TYPE_SCORE_METRICS.get(question_type, DEFAULT_SCORE_METRICS)
+        if not all(m in row and row[m] == row[m] for m in wanted):  # missing or NaN
+            continue
+        values = {m: float(row[m]) for m in wanted}
+        if rule is not None and rule.pass_over_ran and "Pass" in values:
+            values["Pass"] = values["Pass"] * values["ECR"] / 100
+        scores[question_type] = sum(values.values()) / len(values)
+    return scores
+
+
+def write_charts(variant_dir: Path, scores: dict[str, dict[str, float]]) -> list[Path]:
+    """Per configuration ``<leaf>/<leaf>_scores.png`` (a bar per question type) and per variant
+    ``scores_heatmap.png`` (configurations x question types), each number written on the chart.
+    ``scores``: configuration leaf -> question type -> score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    for leaf, by_type in scores.items():
+        figure, axis = plt.subplots(figsize=(9, 4.5))
+        labels = [textwrap.fill(t, 14) for t in by_type]
+        bars = axis.bar(labels, list(by_type.values()), color="#4a78a8", edgecolor="black")
+        axis.bar_label(bars, labels=[f"{v:.2f}" for v in by_type.values()], fontweight="bold")
+        axis.set_title(f"{leaf.upper()} - score by question type", fontweight="bold")
+        axis.set_ylabel("Average Score")
+        axis.set_ylim(0, max([*by_type.values(), 1]) * 1.2)
+        figure.tight_layout()
+        path = variant_dir / leaf / f"{leaf}_scores.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    present = {t for by_type in scores.values() for t in by_type}
+    types = [t for t in QUESTION_TYPES if t in present] + sorted(present - set(QUESTION_TYPES))
+    leaves = sorted(scores)
+    grid = np.array([[scores[leaf].get(t, np.nan) for t in types] for leaf in leaves])
+    figure, axis = plt.subplots(figsize=(1.8 * len(types) + 2, 0.6 * len(leaves) + 2))
+    image = axis.imshow(grid, cmap="Blues", vmin=0, vmax=100, aspect="auto")
+    axis.set_xticks(range(len(types)), types, rotation=20, ha="right")
+    axis.set_yticks(range(len(leaves)), leaves)
+    for (row, column), value in np.ndenumerate(grid):
+        if value == value:
+            axis.text(column, row, f"{value:.2f}", ha="center", va="center",
+                      color="white" if value > 60 else "black")
+    figure.colorbar(image, ax=axis, label="score")
+    axis.set_title(f"{variant_dir.name}: score by configuration and question type")
+    figure.tight_layout()
+    path = variant_dir / "scores_heatmap.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return written + [path]

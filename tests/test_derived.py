@@ -88,3 +88,38 @@ def test_a_merge_writes_a_before_and_after_report_naming_every_changed_item(gapp
     assert "qwen3vl_text/text_json" in report and "| before" in report.replace("|   before", "| before")
     with Image.open(run_dir / "merge-report.png") as chart:
         assert chart.size[0] >= 600 and chart.size[1] >= 400
+
+
+def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_show_them(tmp_path):
+    """Their summary's score per question type, from the stored aggregates: to 1e-6 from unrounded ones, to
+    0.01 from rounded ones. (text_json's Visualization needs its Pass rule, found from its full items; the
+    excerpt cannot tell, so only its text types are compared.)"""
+    import csv
+
+    from PIL import Image
+
+    from hpc_rerun.derived import aggregate_type_scores
+
+    complied = MINI / "results" / "complied"
+    summary = {}
+    for variant in ("qwen3vl_text", "qwen3vl_default_pic"):
+        with open(complied / variant / "modality_summary.csv") as fh:
+            for row in csv.DictReader(fh):
+                summary[f"{variant}/{row['']}"] = {k: float(v) for k, v in row.items() if k not in ("", "Overall")}
+    checks = {"qwen3vl_text/text_html": (0.01, None), "qwen3vl_default_pic/mix_markdown": (1e-6, None),
+              "qwen3vl_text/text_json": (1e-6, "Visualization")}
+    for config, (tolerance, skip) in checks.items():
+        aggregates = json.loads((complied / config / "results.json").read_text())["aggregate_metrics"]
+        ours = aggregate_type_scores(aggregates)
+        theirs = {k: v for k, v in summary[config].items() if k != skip}
+        assert list(ours) == list(summary[config]), "the users' order of question types"
+        for question_type, value in theirs.items():
+            assert ours[question_type] == pytest.approx(value, abs=tolerance), (config, question_type)
+    tree = tmp_path / "results"
+    shutil.copytree(complied, tree)
+    result = run_cli("report", tree, "--charts")
+    assert result.exit_code == 0, result.output
+    for chart in (tree / "qwen3vl_text" / "text_html" / "text_html_scores.png", tree / "qwen3vl_text" /
+                  "scores_heatmap.png"):
+        with Image.open(chart) as image:
+            assert image.size[0] > 600 and image.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
