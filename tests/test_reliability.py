@@ -356,3 +356,35 @@ def test_retry_errors_reruns_an_out_of_memory_at_half_its_pixels_and_tokens(slur
         assert provenance["error_class"] is None and provenance["image_pixels"] <= 100_000, provenance
     cli("merge-shards", run_dir, check=True)
     assert_tree_complete(demo_paths)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_a_shard_killed_for_host_memory_is_resubmitted_with_more_memory(slurm_cluster, demo_paths, tmp_path):
+    """OUT_OF_MEMORY needs cgroup memory enforcement, which this dev cluster cannot have (no cgroup
+    controllers in a container): the element really runs and is cancelled, and a wrapper on PATH reports
+    it to sacct's readers as OUT_OF_MEMORY (the one faked part). resubmit gives the rerun 1.5x the memory,
+    Slurm holds the new attempt with it, and the run completes."""
+    run_dir = plan_demo(demo_paths, 1, "--profile", profile_with(tmp_path, mem_gb=2))
+    cli("submit", run_dir, check=True)
+    job = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"]
+    subprocess.run(["scancel", job], check=True)
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    real = shutil.which("sacct")
+    (wrappers / "sacct").write_text(f"#!/bin/sh\n{real} \"$@\" | sed 's/^{job}|CANCELLED.*/{job}|OUT_OF_MEMORY/'\n")
+    (wrappers / "sacct").chmod(0o755)
+    env = {"PATH": f"{wrappers}:{os.environ['PATH']}", "HPC_RERUN_LOST_GRACE_S": "5"}
+    status = wait_finished(run_dir, 120, env=env)
+    assert [s["state"] for s in status["shards"]] == ["OUT_OF_MEMORY"], status["shards"]
+    cli("resubmit", run_dir, env=env, check=True)
+    second = json.loads((run_dir / "plan.json").read_text())["attempts"][1]
+    assert second["slurm"]["mem_gb"] == 3 and second["causes"] == ["OUT_OF_MEMORY"]
+    arrays = sorted({j.split("_")[0] for j in second["jobs"].values()})
+    held = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%m"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert held and set(held) == {"3G"}, held
+    status = wait_finished(run_dir, 300, env=env)
+    assert status["summary"]["done"] == status["summary"]["total"]
+    cli("merge-shards", run_dir, check=True)
+    assert_tree_complete(demo_paths)

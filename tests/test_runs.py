@@ -198,3 +198,36 @@ def _cmdline(pid: str) -> str:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_status_asks_slurm_once_per_round_whatever_the_size_of_the_run(slurm_cluster, gappy_benchmark,
+                                                                       tiny_model_dir, tmp_path):
+    """A run of 250 array elements (a real array on the dev cluster, trivial jobs): one status round is one
+    sacct and one squeue call, counted by wrappers on PATH, and every element gets a state."""
+    from hpc_rerun.atomic import atomic_write_json
+    from hpc_rerun.submit import record_submission
+
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 1)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    one = plan["attempts"][0]["shards"][0]
+    plan["attempts"][0]["shards"] = [dict(one, shard=n) for n in range(250)]
+    atomic_write_json(run_dir / "plan.json", plan)
+    array = subprocess.run(["sbatch", "--parsable", "--array=0-249%50", "-o", "/dev/null", "--wrap", "sleep 2"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    record_submission(run_dir, 1, "slurm", {str(n): f"{array}_{n}" for n in range(250)}, {})
+    wrappers, calls = tmp_path / "bin", tmp_path / "calls.log"
+    wrappers.mkdir()
+    for tool in ("sacct", "squeue"):
+        real = subprocess.run(["which", tool], capture_output=True, text=True, check=True).stdout.strip()
+        (wrappers / tool).write_text(f"#!/bin/sh\necho {tool} >> {calls}\nexec {real} \"$@\"\n")
+        (wrappers / tool).chmod(0o755)
+    try:
+        shown = status_json(run_dir, env={"PATH": f"{wrappers}:{os.environ['PATH']}"})
+    finally:
+        subprocess.run(["scancel", array], check=False)
+    assert sorted(calls.read_text().split()) == ["sacct", "squeue"]
+    assert len(shown["shards"]) == 250
+    assert {s["state"] for s in shown["shards"]} <= {"PENDING", "RUNNING", "COMPLETED", "COMPLETING", "SUBMITTED",
+                                                      "ENDING"}, {s["state"] for s in shown["shards"]}
