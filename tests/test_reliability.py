@@ -263,23 +263,23 @@ def profile_with(tmp_path: Path, **settings) -> Path:
 @pytest.mark.timeout(480)
 def test_a_shard_past_its_time_limit_is_resubmitted_with_twice_the_time_in_smaller_shards(
         slurm_cluster, demo_paths, tmp_path):
-    """A real Slurm time limit: the model folder hangs (its config.json a FIFO nobody writes, as a stalled
-    file system does), Slurm signals the one-minute element before its limit, and with ``max_requeues = 0``
-    it does not requeue itself but ends (Slurm books it FAILED, submitit's result says timed out: status
-    calls it TIMEOUT). resubmit plans twice the time and twice the shards, Slurm runs them with that limit,
-    and the merge completes the tree."""
+    """A real Slurm time limit: the task list hangs (a FIFO nobody writes, as a stalled file system does;
+    the worker reads it first, in its own code), Slurm signals the one-minute element before its limit, and
+    with ``max_requeues = 0`` it does not requeue itself but ends (Slurm books it FAILED, submitit's result
+    says timed out: status calls it TIMEOUT; killed at the limit, Slurm says TIMEOUT itself). resubmit
+    plans twice the time and twice the shards, Slurm runs them with that limit, and the merge completes."""
     # USR2 20 s before the limit, not at start-up (before submitit has put its handler in place)
     run_dir = plan_demo(demo_paths, 1, "--profile", profile_with(tmp_path, time_min=1, max_requeues=0, signal_delay_s=20))
-    config = demo_paths["model"] / "config.json"
-    saved = config.read_bytes()
-    config.unlink()
-    os.mkfifo(config)
+    task_list = Path(json.loads((run_dir / "attempt-1" / "shard-0000.json").read_text())["task_list"])
+    saved = task_list.read_bytes()
+    task_list.unlink()
+    os.mkfifo(task_list)
     try:
         cli("submit", run_dir, check=True)
         status = wait_finished(run_dir, 240)
     finally:
-        config.unlink()
-        config.write_bytes(saved)
+        task_list.unlink()
+        task_list.write_bytes(saved)
     assert [s["state"] for s in status["shards"]] == ["TIMEOUT"], status["shards"]
     cli("resubmit", run_dir, check=True)
     second = json.loads((run_dir / "plan.json").read_text())["attempts"][1]
