@@ -84,9 +84,9 @@ def engine_split(q, k, v, keys):
     """The engine's split_prefill (stacked query heads for the earlier keys) on cuDNN."""
     import functools
 
-    from hpc_rerun.packed import cudnn_attend, split_prefill
+    from hpc_rerun.inference.packed import cudnn_attend, split_prefill
 
-    return split_prefill(q, k, v, 0, keys, SCALE, functools.partial(cudnn_attend, scale=SCALE))
+    return split_prefill(q, k, v, 0, keys, functools.partial(cudnn_attend, scale=SCALE))
 
 
 def sdpa_lower_right(q, k, v, keys):

@@ -2,7 +2,7 @@
 
     python bench/gaps_e2e.py --processor DIR [--out DIR] [--total-gib 80] [--new-tokens 128]
 
-Tables shaped like the real gaps (../shared/notes/real-gaps.md), scaled to fit one device call: a 4 MB HTML
+Tables shaped like the real gaps (docs/facts.md), scaled to fit one device call: a 4 MB HTML
 table of 90,000 lines, a 2.6 MB Markdown table of 32 lines of 83K characters, a 1.4 MB CSV table of 32 lines
 (238K tokens: under the context), a short LaTeX table, a table image of 5 MP, and an image+HTML task of the
 resize_pic variant. Ten gaps, written as a result tree with those ids absent, found by ``scan``, costed and
@@ -31,13 +31,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from gpu_throughput import build_and_save
-from hpc_rerun import worker as worker_module
+from hpc_rerun.inference import worker as worker_module
 from hpc_rerun.benchmark import Config, load_tasks
-from hpc_rerun.engine import GPU_MEMORY_ENV, Engine
+from hpc_rerun.inference.engine import GPU_MEMORY_ENV, Engine
 from hpc_rerun.plan import RunnableCosts, RunSettings, pack_shards, write_run
 from hpc_rerun.project import Project
 from hpc_rerun.scan import scan_tree
-from hpc_rerun.shards import ShardSpec, read_records, records_path
+from hpc_rerun.rundir import ShardSpec, read_records, records_path
 from hpc_rerun.synthetic import make_item, write_result_file
 
 # Qwen3-VL-8B-Instruct's generation_config.json, with the real Qwen ids.
@@ -227,9 +227,10 @@ def main() -> None:
     start = time.perf_counter()
     costs = RunnableCosts(report_scan, project.variant, str(model_dir), generation).costs()
     report["plan_s"] = round(time.perf_counter() - start, 1)
-    run_dir = write_run(args.work / "logs", report_scan, pack_shards(costs, 1), RunSettings(
+    run = write_run(args.work / "logs", report_scan, pack_shards(costs, 1), RunSettings(
         model=str(model_dir), generation=generation), project.variant, {})
-    spec_path = run_dir / "attempt-1" / "shard-0000.json"
+    first = run.attempt(1)
+    spec_path = first.spec_file(first.shards[0])
     report["tasks"] = len(ShardSpec.read(spec_path).tasks)
     report["plan_estimate_s"] = round(sum(c.seconds for c in costs), 1)
 

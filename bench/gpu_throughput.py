@@ -3,7 +3,7 @@
     python bench/gpu_throughput.py --processor DIR [--out DIR] [--seed-sample 4] [--total-gib 79.6]
                                    [--cuda-graphs off,on]
 
-A random-weight Qwen3-VL-8B with the real dimensions (../shared/notes/qwen3vl-offline.md), bf16 on the
+A random-weight Qwen3-VL-8B with the real dimensions (docs/facts.md), bf16 on the
 GPU, saved to local disk and loaded back through the engine (from_pretrained, timed against reading
 the same bytes). The tokenizer/processor is the tiny model's (``hpc-rerun build-tiny-model DIR``):
 prompt lengths are set in its tokens, so the workload's shapes are the same on any machine.
@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from hpc_rerun.benchmark import Task
-from hpc_rerun.engine import Engine, Request, fit_image
-from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text
+from hpc_rerun.inference.engine import Engine, Request, fit_image
+from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text
 
 NEW_TOKENS = 128
-BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H200s (../shared/notes/gpu-baseline.md)
+BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H200s (docs/facts.md)
 
 
 def real_8b_config(processor_dir: Path):
@@ -187,7 +187,7 @@ def agreement(seed: list[list[int]], engine: list[list[int]]) -> dict:
 
 def text_3k_against_ceiling(engine: Engine, args, rng: random.Random, parameters: int) -> dict:
     """The stretch goal's measure: the engine on text-3k tasks only, against the compute-bound ceiling
-    of ../shared/notes/gpu-baseline.md (2 x parameters x (prompt + new) FLOP per task at 790 TFLOP/s)."""
+    of docs/facts.md (2 x parameters x (prompt + new) FLOP per task at 790 TFLOP/s)."""
     task = Task(1, "bench-table01", "Numerical Reasoning", "Calculation",
                 "What is the total employment of sector S7 over all years?", "0")
     greedy = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
@@ -207,7 +207,7 @@ def text_3k_against_ceiling(engine: Engine, args, rng: random.Random, parameters
 
 def compare_key_pieces(engine: Engine, requests: list[Request], args, seed_rate: float) -> list[dict]:
     """The whole workload (CUDA graphs on) at other decode key-piece sizes than the default."""
-    from hpc_rerun import packed
+    from hpc_rerun.inference import packed
 
     default, rows = packed.KEY_PIECE, []
     engine.packed.cuda_graphs = True
@@ -261,7 +261,7 @@ def main() -> None:
     requests = workload(engine, rng)
     report["prompt_tokens"] = {kind: statistics.mean(r.prompt_tokens for k, r in requests if k == kind)
                                for kind in ("text-3k", "text-16k", "image", "image+text-3k")}
-    from hpc_rerun.packed import _flash_agrees
+    from hpc_rerun.inference.packed import _flash_agrees
 
     report["flash_varlen"] = _flash_agrees(engine.device, engine.model.dtype)
     report["flash_schema"] = str(torch.ops.aten._flash_attention_forward.default._schema)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from gpu_throughput import build_and_save
-from hpc_rerun.engine import ACTIVATION_BYTES_PER_TOKEN, Engine
-from hpc_rerun.packed import Prompt, Sampling, _flash_agrees, kv_bytes_per_token
+from hpc_rerun.inference.engine import ACTIVATION_BYTES_PER_TOKEN, Engine
+from hpc_rerun.inference.packed import Prompt, Sampling, _flash_agrees, kv_bytes_per_token
 
 
 class Capturing(Sampling):

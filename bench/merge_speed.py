@@ -25,7 +25,7 @@ from hpc_rerun.benchmark import load_tasks
 from hpc_rerun.merge import merge, shard_records
 from hpc_rerun.results import item_ok, load_result_file
 from hpc_rerun.scan import discover_configs
-from hpc_rerun.shards import RecordWriter
+from hpc_rerun.rundir import RecordWriter
 from hpc_rerun.synthetic import make_item, write_full_size_tree
 
 TASKS = Path(__file__).resolve().parent.parent / "tests/fixtures/realhitbench-mini/QA_final_sc_filled.json"

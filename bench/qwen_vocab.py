@@ -42,7 +42,7 @@ def build(out_dir: Path, tiktoken_path: Path) -> Path:
     from transformers import AutoProcessor, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from hpc_rerun.tinymodel import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_qwen3vl
+    from hpc_rerun.inference.tinymodel import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_qwen3vl
 
     backend = TikTokenConverter(vocab_file=str(tiktoken_path), pattern=QWEN_SPLIT).converted()
     backend.normalizer = normalizers.NFC()

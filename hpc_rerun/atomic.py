@@ -20,6 +20,7 @@ def fault_point(label: str) -> None:
     if _FAULT_AT:
         _faults_passed += 1
         if _faults_passed == _FAULT_AT:
+            os.write(2, f"fault injected at {label}\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)
 
 

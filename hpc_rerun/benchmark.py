@@ -17,8 +17,6 @@ FORMATS = {
 }
 IMAGE_DIR, IMAGE_EXT = "image", ".png"
 XLSX_DIR, XLSX_EXT = "tables", ".xlsx"
-MODALITIES = ("text", "image", "mix")
-TABLE_NAME = re.compile(r"^[a-z]+-table\d+(_swap)?$")
 DEFAULT_TASK_LIST = "QA_final_sc_filled.json"
 
 
@@ -137,14 +135,12 @@ def required_files(task: Task, config: Config) -> list[str]:
 
 
 ERROR_PREFIX = "[ERROR]"
-ERROR_CLASSES = (
-    "oom_text", "oom_image", "missing_input", "bad_input", "format_failure", "timeout", "node_failure", "other",
-)
 _OOM = re.compile(r"out of memory|OutOfMemory|\bOOM\b", re.IGNORECASE)
 
 
 def classify_error(prediction: str, modality: str) -> str:
-    """The class of an ``[ERROR] ...`` prediction, from the prefixes the users' fork writes."""
+    """The class of an ``[ERROR] ...`` prediction (oom_text, oom_image, missing_input, bad_input, format_failure,
+    timeout, node_failure, other), from the prefixes the users' fork writes."""
     text = prediction[len(ERROR_PREFIX):].strip()
     if text.startswith("OOM: Text too large"):
         return "oom_text"

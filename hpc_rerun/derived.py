@@ -82,8 +82,8 @@ def type_scores(items: list[dict]) -> dict[str, float]:
     return scores
 
 
-def write_merge_report(folder: Path, rows: list[dict]) -> list[Path]:
-    """``merge-report.md`` and ``merge-report.png`` in ``folder``: per configuration and question type the
+def write_merge_report(stem: Path, rows: list[dict]) -> list[Path]:
+    """``<stem>.md`` and ``<stem>.png`` (rundir.py: ``merge-report`` in the run directory): per configuration and question type the
     score before and after a merge, and the items it changed. ``rows``: config, question_type, before,
     after, changed (ids)."""
     import matplotlib
@@ -99,7 +99,7 @@ def write_merge_report(folder: Path, rows: list[dict]) -> list[Path]:
              "Analysis: EM, F1, ROUGE-L; Visualization: ECR and Pass, % of the type's items).", ""]
     table = frame.assign(changed=frame["changed"].map(lambda ids: ", ".join(map(str, ids)) or "-"))
     lines.append(table.to_markdown(index=False, floatfmt=".2f"))
-    markdown = folder / "merge-report.md"
+    markdown = stem.with_suffix(".md")
     atomic_write_bytes(markdown, ("\n".join(lines) + "\n").encode())
     labels = [f"{r.config}\n{r.question_type}" for r in frame.itertuples()]
     figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.5))
@@ -112,7 +112,7 @@ def write_merge_report(folder: Path, rows: list[dict]) -> list[Path]:
     axis.set_title("Merge: score per configuration and question type")
     axis.legend()
     figure.tight_layout()
-    chart = folder / "merge-report.png"
+    chart = stem.with_suffix(".png")
     figure.savefig(chart, dpi=120)
     plt.close(figure)
     return [markdown, chart]
@@ -187,3 +187,31 @@ def write_charts(variant_dir: Path, scores: dict[str, dict[str, float]]) -> list
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return written + [path]
+
+
+def regenerate(results_root: Path, create: bool = False, charts: bool = False,
+               dry_run: bool = False) -> tuple[dict[str, list[str]], int, list[str]]:
+    """The ``report`` step over a results tree: each configuration's tables refreshed from its stored
+    aggregate_metrics (``create``: also where there are none), and with ``charts`` the charts of each
+    variant. Returns ({configuration or "<variant> charts": paths written}, configurations checked,
+    problems: unreadable result files)."""
+    from .results import ResultFileError, load_result_file
+    from .scan import discover_configs
+
+    files, problems = discover_configs(results_root)
+    written, scores = {}, {}
+    for config, path in sorted(files.items(), key=lambda kv: kv[0].name):
+        try:
+            result = load_result_file(path)
+        except ResultFileError as err:
+            problems.append(str(err))
+            continue
+        aggregates = result.data.get("aggregate_metrics") if isinstance(result.data, dict) else None
+        if isinstance(aggregates, dict) and aggregates:
+            written[config.name] = [str(p) for p in refresh(path, aggregates, create=create, dry_run=dry_run)]
+            scores.setdefault(path.parent.parent, {})[path.parent.name] = aggregate_type_scores(aggregates, result.items)
+    if charts:
+        for variant_dir, by_leaf in scores.items():
+            paths = [] if dry_run else write_charts(variant_dir, by_leaf)
+            written[f"{variant_dir.name} charts"] = [str(p) for p in paths]
+    return written, sum(map(len, scores.values())), problems

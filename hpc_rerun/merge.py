@@ -15,23 +15,21 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
-import json
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, atomic_write_json, dump_json, fault_point, sha256_file
+from .atomic import atomic_write_bytes, dump_json, fault_point, sha256_file
 from .derived import refresh as refresh_derived
 from .derived import type_scores, write_merge_report
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
-from .scoring import in_convention, not_run_pass
-from .shards import read_records
+from .inference.scoring import in_convention, not_run_pass
+from .rundir import RunDir, read_records
 
 ITEM_KEYS = ("id", "FileName", "QuestionType", "SubQType", "Question", "Reference", "Prediction", "Metrics",
              "ProcessingTime")
-PROVENANCE_KEY = "hpc_rerun"
-LEDGER = "merged.json"  # in the run directory: each file's hash after our last merge
+PROVENANCE_KEY = "provenance"  # in merged items as in shard records
 
 
 class MergeLocked(RuntimeError):
@@ -62,7 +60,7 @@ class ConfigMerge:
 def shard_records(run_dir: Path) -> list[tuple[tuple, dict]]:
     """Every record of every attempt, with a sort key (attempt, file, line) for "newer wins"."""
     found = []
-    for path in sorted(run_dir.glob("attempt-*/shard-*.jsonl")):
+    for path in RunDir(run_dir).record_files():
         for line, record in enumerate(read_records(path)):
             provenance = record.get("provenance") or {}
             found.append(((provenance.get("attempt", 0), str(path), line), record))
@@ -226,12 +224,6 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
     return report
 
 
-def load_ledger(run_dir: Path | None) -> dict:
-    if run_dir is None or not (run_dir / LEDGER).exists():
-        return {}
-    return json.loads((run_dir / LEDGER).read_text())
-
-
 def merge(
     result_files: dict[str, Path],
     records: list[tuple[tuple, dict]],
@@ -248,7 +240,8 @@ def merge(
     """Merge ``records`` into each configuration's file; returns what happened per configuration."""
     now = dt.datetime.now()
     best = best_records(records)
-    ledger = load_ledger(run_dir)
+    run = RunDir(run_dir) if run_dir is not None else None
+    ledger = run.load_ledger() if run is not None else {}
     reports = []
     with nullcontext() if dry_run else results_lock(results_root):
         for config in sorted(best):
@@ -263,9 +256,9 @@ def merge(
 
             def remember(digest: str, config=config) -> None:
                 """Record our own result before writing it, so a rerun after a crash accepts it."""
-                if run_dir is not None:
+                if run is not None:
                     ledger[config] = sorted(set(ledger.get(config, [])) | {digest})
-                    atomic_write_json(run_dir / LEDGER, ledger)
+                    run.save_ledger(ledger)
 
             try:
                 reports.append(merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
@@ -288,9 +281,8 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
     from .benchmark import Config
     from .scan import discover_configs, load_run_dir_for
 
-    plan = {}
-    if run_dir is not None and (run_dir / "plan.json").exists():
-        plan = json.loads((run_dir / "plan.json").read_text())
+    run = RunDir(run_dir) if run_dir is not None else None
+    plan = run.load() if run is not None and run.is_run() else {}
     planned_root = Path(plan["results_root"]).resolve() if plan.get("results_root") else None
     results_root = results_root or planned_root
     if results_root is None:
@@ -314,7 +306,7 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
                     with_provenance=with_provenance, recompute_aggregates=recompute_aggregates)
     problems += [r.problem for r in reports if r.problem]
     if run_dir is not None and not dry_run and any(r.changed for r in reports):
-        write_merge_report(run_dir, merge_rows(reports))
+        write_merge_report(run.merge_report_stem, merge_rows(reports))
     plan["results_root"] = str(results_root)
     return reports, problems, plan
 

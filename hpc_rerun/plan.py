@@ -15,13 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import secrets
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .atomic import atomic_write_json, sha256_file
+from .atomic import sha256_file
 from .benchmark import FORMATS, IMAGE_DIR, IMAGE_EXT, Config, Task, Variant, load_tasks
+from .pixels import visual_tokens
+from .rundir import RunDir, ShardSpec
 from .scan import ScanReport
 
 # The packed engine on an H200 with Qwen3-VL-8B (docs/performance.md, gaps_e2e run 4): a long prompt's
@@ -81,9 +82,6 @@ class CostModel:
 
     def image_tokens(self, relpath: str, variant: Variant) -> int:
         from PIL import Image
-        from qwen_vl_utils.vision_process import smart_resize
-
-        from .engine import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS
 
         if relpath not in self._image_sizes:
             Image.MAX_IMAGE_PIXELS = None  # only the header is read; 233 MP tables must not raise a bomb error
@@ -93,12 +91,7 @@ class CostModel:
             except OSError:
                 self._image_sizes[relpath] = None
         size = self._image_sizes[relpath]
-        if size is None:
-            return 0
-        max_pixels = variant.max_pixels or DEFAULT_MAX_PIXELS
-        min_pixels = min(variant.min_pixels or DEFAULT_MIN_PIXELS, max_pixels)
-        h, w = smart_resize(size[1], size[0], factor=TOKEN_PIXELS, min_pixels=min_pixels, max_pixels=max_pixels)
-        return (h // TOKEN_PIXELS) * (w // TOKEN_PIXELS)
+        return visual_tokens(*size, variant.min_pixels, variant.max_pixels) if size else 0
 
     def prompt_tokens(self, task: Task, config: Config, variant: Variant) -> int:
         tokens = 200 + len(task.question) // 3  # the prompt template and the question
@@ -157,26 +150,14 @@ class RunnableCosts:
     def __init__(self, report: ScanReport, variants, model_path: str | None, generation: dict):
         self.report = report
         self.variants = variants
+        from .inference.tables import load_tokenizer
+
         self.model = CostModel(report.data_root, load_tokenizer(model_path), generation, model_context(model_path))
         self.tasks = load_tasks(report.task_list)
 
     def costs(self) -> list[TaskCost]:
         return self.model.costs([(scan.config, self.tasks[task_id], self.variants(scan.config.variant), {})
                                  for scan in self.report.configs for task_id in scan.runnable])
-
-
-def load_tokenizer(model_path: str | None):
-    """The model's tokenizer for exact prompt tokens; None (byte estimate) if it cannot be loaded here."""
-    if not model_path or not Path(model_path).is_dir():
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        tokenizer.model_max_length = 1 << 40  # counting only: whole tables are measured, never fed as is
-        return tokenizer
-    except (OSError, ValueError):
-        return None
 
 
 def split_groups(costs: list[TaskCost], units: int) -> list[list[TaskCost]]:
@@ -244,6 +225,35 @@ def shard_count(total_seconds: float, n_tasks: int, shards: int | None, target_h
     return max(1, min(n_tasks, math.ceil(total_seconds / (hours * 3600))))
 
 
+@dataclass
+class PlannedRun:
+    """The runnable gaps costed and packed: what ``plan`` prints and ``write_run`` writes."""
+
+    costs: list[TaskCost]
+    shards: list[list[TaskCost]]
+
+    def outline(self) -> dict:
+        loads = [sum(c.seconds for c in shard) for shard in self.shards]
+        total = sum(loads)
+        return {"tasks": len(self.costs), "shards": len(self.shards),
+                "estimated_gpu_hours": round(total / 3600, 2),
+                "estimated_wall_hours": round(max(loads) / 3600, 2),  # the largest shard, each on its own GPU
+                "balance_max_over_mean": round(max(loads) / (total / len(loads)), 3),
+                "shard_table": [{"shard": n, "tasks": len(s), "cost_s": round(load, 1),
+                                 "configs": sorted({c.config for c in s})}
+                                for n, (s, load) in enumerate(zip(self.shards, loads))]}
+
+
+def plan_shards(report: ScanReport, variants, settings: RunSettings, shards: int | None,
+                target_hours: float | None) -> PlannedRun | None:
+    """Cost every runnable gap of the scan and pack the tasks into shards; None when there is none."""
+    costs = RunnableCosts(report, variants, settings.model, settings.generation).costs()
+    if not costs:
+        return None
+    packed = pack_shards(costs, shard_count(sum(c.seconds for c in costs), len(costs), shards, target_hours))
+    return PlannedRun(costs, packed)
+
+
 def write_run(
     logs: Path,
     report: ScanReport,
@@ -252,63 +262,25 @@ def write_run(
     variants,
     slurm: dict,
     run_id: str | None = None,
-) -> Path:
+) -> RunDir:
     """Create ``logs/<run-id>/`` with plan.json and one shard spec per array element (attempt 1)."""
-    from .shards import ShardSpec
-
     run_id = run_id or new_run_id()
-    run_dir = Path(logs) / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
     configs_used = sorted({c.config for shard in shards for c in shard})
     config_settings = {}
     for name in configs_used:
         variant = variants(Config.parse(name).variant)
         config_settings[name] = {k: v for k, v in (("min_pixels", variant.min_pixels),
                                                     ("max_pixels", variant.max_pixels)) if v}
-    specs = []
-    for number, shard in enumerate(shards):
-        spec = ShardSpec(run_id=run_id, attempt=1, shard=number, model=settings.model,
-                         data_root=str(Path(report.data_root).resolve()),
-                         task_list=str(Path(report.task_list).resolve()),
-                         tasks=[c.entry() for c in shard], configs=config_settings, generation=settings.generation,
-                         prompts=settings.prompts, token_budget=settings.token_budget,
-                         batch_tokens=settings.batch_tokens, dtype=settings.dtype)
-        specs.append(spec.write(run_dir))
+    data_root, task_list = str(Path(report.data_root).resolve()), str(Path(report.task_list).resolve())
     result_files = {s.config.name: {"path": str(Path(s.result_file).resolve()), "sha256": sha256_file(s.result_file)}
                     for s in report.configs if s.result_file is not None and s.config.name in configs_used}
-    plan = {
-        "run_id": run_id,
-        "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "results_root": str(Path(report.results_root).resolve()),
-        "data_root": str(Path(report.data_root).resolve()),
-        "task_list": str(Path(report.task_list).resolve()),
-        "settings": asdict(settings),
-        "slurm": slurm,
-        "result_files": result_files,
-        "attempts": [attempt_entry(1, shards, specs, run_dir)],
-    }
-    atomic_write_json(run_dir / "plan.json", plan)
-    return run_dir
-
-
-def attempt_entry(attempt: int, shards: list[list[TaskCost]], specs: list[Path], run_dir: Path, **extra) -> dict:
-    return {
-        "attempt": attempt,
-        "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "shards": [{"shard": n, "spec": os.path.relpath(spec, run_dir), "tasks": len(shard),
-                    "cost_s": round(sum(c.seconds for c in shard), 1),
-                    "configs": sorted({c.config for c in shard})} for n, (shard, spec) in enumerate(zip(shards, specs))],
-        "jobs": {},
-        **extra,
-    }
-
-
-def load_plan(run_dir: Path) -> dict:
-    path = Path(run_dir) / "plan.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not a run directory (no plan.json); runs live under logs/<run-id>/")
-    return json.loads(path.read_text())
-
-
-def save_plan(run_dir: Path, plan: dict) -> None:
-    atomic_write_json(Path(run_dir) / "plan.json", plan)
+    run = RunDir.create(logs, run_id, {
+        "results_root": str(Path(report.results_root).resolve()), "data_root": data_root, "task_list": task_list,
+        "settings": asdict(settings), "slurm": slurm, "result_files": result_files})
+    specs = [ShardSpec(run_id=run_id, attempt=1, shard=number, model=settings.model, data_root=data_root,
+                       task_list=task_list, tasks=[c.entry() for c in shard], configs=config_settings,
+                       generation=settings.generation, prompts=settings.prompts, token_budget=settings.token_budget,
+                       batch_tokens=settings.batch_tokens, dtype=settings.dtype)
+             for number, shard in enumerate(shards)]
+    run.add_attempt(specs, [sum(c.seconds for c in shard) for shard in shards])
+    return run

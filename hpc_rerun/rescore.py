@@ -22,7 +22,7 @@ from .benchmark import ERROR_PREFIX, Task
 from .derived import refresh as refresh_derived
 from .merge import backup, rebuild, results_lock
 from .results import ResultFileError, load_result_file
-from .scoring import in_convention, not_run_pass, score
+from .inference.scoring import in_convention, not_run_pass, score
 
 EXAMPLES = 3
 

@@ -113,9 +113,6 @@ class ShareRule:
     scale: float
     pass_over_ran: bool
 
-    def describe(self) -> str:
-        return f"{'percent' if self.scale == 100 else 'fraction'}, Pass over {'ECR-true' if self.pass_over_ran else 'all'} items"
-
 
 SHARE_RULES = [ShareRule(scale, over_ran) for scale in (100.0, 1.0) for over_ran in (False, True)]
 

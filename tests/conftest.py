@@ -36,7 +36,7 @@ def slurm_cluster() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen3-VL on disk, built once per test session."""
-    from hpc_rerun.tinymodel import build_tiny_qwen3vl
+    from hpc_rerun.inference.tinymodel import build_tiny_qwen3vl
 
     return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen3vl"))
 

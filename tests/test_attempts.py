@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 from hpc_rerun.atomic import atomic_write_json
-from hpc_rerun.shards import ShardSpec, records_path
+from hpc_rerun.rundir import ShardSpec, records_path
 from hpc_rerun.status import gather, summary
-from hpc_rerun.submit import record_submission
+from hpc_rerun.rundir import RunDir
 
 from .test_runs import cli, plan_run
 
@@ -25,7 +25,7 @@ def end_attempt(run_dir: Path, attempt: int, state: str) -> None:
     """As the local pool leaves an attempt whose workers exited: every shard in ``state``, pool gone."""
     plan = json.loads((run_dir / "plan.json").read_text())
     shards = plan["attempts"][attempt - 1]["shards"]
-    record_submission(run_dir, attempt, "local", {}, pool_pid=dead_pid())
+    RunDir(run_dir).attempt(attempt).record_submission("local", {}, pool_pid=dead_pid())
     atomic_write_json(run_dir / f"attempt-{attempt}" / "local-state.json",
                       {str(s["shard"]): {"state": state} for s in shards})
 
@@ -75,7 +75,7 @@ def test_a_shard_repaired_by_a_later_attempt_no_longer_needs_a_rerun(gappy_bench
 
 def test_resubmit_and_cancel_without_slurm_say_so(gappy_benchmark, tiny_model_dir, no_slurm_path):
     run_dir = plan_run(gappy_benchmark, tiny_model_dir, 1)
-    record_submission(run_dir, 1, "slurm", {"0": "4242_0"}, {})
+    RunDir(run_dir).attempt(1).record_submission("slurm", {"0": "4242_0"}, {})
     env = {"HPC_RERUN_LOST_GRACE_S": "0"}
     for command in (("resubmit", run_dir), ("cancel", run_dir)):
         proc = cli(*command, check=False, env=env)

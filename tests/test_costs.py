@@ -38,7 +38,7 @@ def test_a_prompt_that_fills_its_batch_pays_for_every_decode_step(tmp_path):
 def test_a_group_pays_for_its_table_once_and_stays_in_one_shard(tmp_path):
     """Tasks of one configuration, table and question type: the first pays for the table, the others for
     their question (the engine prefills the common part once), and no shard gets part of a group."""
-    from hpc_rerun import packed
+    from hpc_rerun.inference import packed
     from hpc_rerun.benchmark import Config, Variant
     from hpc_rerun.plan import SHARE_MIN_TOKENS, pack_shards
 

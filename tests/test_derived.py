@@ -68,7 +68,7 @@ def test_a_merge_writes_a_before_and_after_report_naming_every_changed_item(gapp
     the merge changed, as Markdown and a chart."""
     from PIL import Image
 
-    from hpc_rerun.shards import ShardSpec, records_path
+    from hpc_rerun.rundir import ShardSpec, records_path
 
     from .test_runs import plan_run
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from hpc_rerun.benchmark import Config, load_tasks
 from hpc_rerun.cli import EXIT_BAD_INPUT, main
-from hpc_rerun.shards import RecordWriter
+from hpc_rerun.rundir import RecordWriter
 from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_data_root, write_result_file
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
@@ -58,7 +58,7 @@ def test_users_rerun_replaces_the_oom_errors_of_text_html(mini_results):
     for task_id in (2747, 2748, 2749):
         assert by_id[task_id]["Prediction"] == rerun[task_id]["Prediction"]
         assert not by_id[task_id]["Prediction"].startswith("[ERROR]")
-        assert Path(by_id[task_id]["hpc_rerun"]["source"]).parent.name == "rerun-text_html-truncate"
+        assert Path(by_id[task_id]["provenance"]["source"]).parent.name == "rerun-text_html-truncate"
     # The excerpt's aggregates are those of the users' whole 3,071-item file: no rule gives them back from
     # these 31 items, so the merge leaves them as they were and says so ...
     assert merged["aggregate_metrics"] == original["aggregate_metrics"]
@@ -150,8 +150,8 @@ def test_best_record_per_task_in_every_layout(run_tree):
         assert by_id[3]["Prediction"] == "three", "success over a newer error"
         assert by_id[4]["Prediction"] == ERROR_PREDICTIONS["oom_image"], "absent id inserted, even as an error"
         assert by_id[5]["Prediction"] == "old answer 5", "an existing success is never replaced by default"
-        assert by_id[1]["hpc_rerun"] == {"config": name, "run_id": "run1", "attempt": 2, "shard": 0}
-        assert "hpc_rerun" not in by_id[5]
+        assert by_id[1]["provenance"] == {"config": name, "run_id": "run1", "attempt": 2, "shard": 0}
+        assert "provenance" not in by_id[5]
         assert list(by_id[1])[:9] == ["id", "FileName", "QuestionType", "SubQType", "Question", "Reference",
                                       "Prediction", "Metrics", "ProcessingTime"]
     checkpoint = load(files["qwen3vl_resize_pic/image"].with_name("checkpoint.json"))
@@ -168,7 +168,7 @@ def test_overwrite_and_no_provenance(run_tree):
     assert run_cli("merge-shards", run_dir, "--overwrite", "--no-provenance").exit_code == 0
     by_id = {i["id"]: i for i in load(files["qwen3vl_text/text_csv"])["results"]}
     assert by_id[5]["Prediction"] == "better answer 5"
-    assert all("hpc_rerun" not in i for i in by_id.values())
+    assert all("provenance" not in i for i in by_id.values())
 
 
 def test_dry_run_writes_nothing(run_tree):

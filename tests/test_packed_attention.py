@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hpc_rerun.packed import KeySplit, Layout, _reference, split_prefill
+from hpc_rerun.inference.packed import KeySplit, Layout, _reference, split_prefill
 
 
 def exact_attend(q, k, v, causal: bool, scale: float):
@@ -28,7 +28,7 @@ def test_split_prefill_equals_attention_over_the_whole_region():
                         used=torch.tensor([keys]), max_q=n, max_k=keys, host_cu_q=[0, n],
                         host_starts=[start, start + keys], host_used=[keys])
         expected = _reference(q, pool[0], pool[1], layout, scale)
-        got = split_prefill(q, pool[0], pool[1], start, keys, scale, lambda *a: exact_attend(*a, scale=scale))
+        got = split_prefill(q, pool[0], pool[1], start, keys, lambda *a: exact_attend(*a, scale=scale))
         assert torch.allclose(got, expected, atol=1e-5), (start, keys, n, (got - expected).abs().max())
 
 

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from hpc_rerun import packed
-from hpc_rerun.engine import Engine, Request
+from hpc_rerun.inference import packed
+from hpc_rerun.inference.engine import Engine, Request
 from hpc_rerun.plan import RunSettings
 
 PROMPTS = ["Is the total of column b larger than 40? a,b\n1,2\n3,4\n5,6", "Which row has the largest a? a,b\n7,1\n2,9",

@@ -25,7 +25,7 @@ def assert_complete(results: Path, answered: set[tuple[str, int]]):
         path = next((results / config).glob("results*.json"))
         items = [i for i in load_result_file(path).items if i["id"] == task_id]
         assert len(items) == 1, (config, task_id)
-        assert items[0]["Prediction"] == "Yes" and items[0]["hpc_rerun"]["config"] == config
+        assert items[0]["Prediction"] == "Yes" and items[0]["provenance"]["config"] == config
 
 
 @pytest.mark.timeout(300)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from hpc_rerun.benchmark import Task
-from hpc_rerun.engine import TABLE_SLOT, Engine, Request
-from hpc_rerun.packed import SHARE_MIN_TOKENS, shared_prefix
-from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text
-from hpc_rerun.tables import TableCache
+from hpc_rerun.inference.engine import TABLE_SLOT, Engine, Request
+from hpc_rerun.inference.packed import SHARE_MIN_TOKENS, shared_prefix
+from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text
+from hpc_rerun.inference.tables import TableCache
 
 QUESTIONS = ["Is the value in the last row larger than 12?",
              "Which row holds the largest value of the second column, and by how much does it exceed the first?",

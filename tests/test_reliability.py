@@ -16,7 +16,7 @@ import pytest
 
 from hpc_rerun.demo import write_demo
 from hpc_rerun.results import item_ok, load_result_file
-from hpc_rerun.shards import ShardSpec, read_records
+from hpc_rerun.rundir import ShardSpec, read_records
 
 from .conftest import DEV_CLUSTER
 
@@ -182,7 +182,7 @@ def test_element_signalled_before_its_time_limit_requeues_itself_and_resumes(slu
     The signal is sent with scancel --signal=USR2 so the moment is certain (a real 1-2 minute limit
     makes the test a race against the machine's speed)."""
     (demo_paths["root"] / "model").rename(demo_paths["root"] / "answering-model")
-    from hpc_rerun.tinymodel import build_tiny_qwen3vl
+    from hpc_rerun.inference.tinymodel import build_tiny_qwen3vl
 
     build_tiny_qwen3vl(demo_paths["root"] / "model")  # random: it talks until max_new_tokens
     run_dir = plan_demo(demo_paths, 1)
@@ -302,7 +302,7 @@ import os
 if os.environ.get("SLURM_JOB_ID"):
     import torch
 
-    from hpc_rerun import engine
+    from hpc_rerun.inference import engine
 
     generate = engine.Engine.generate_encoded
 

@@ -54,7 +54,7 @@ def plan_run(bench, tiny_model_dir, shards: int, *extra) -> Path:
 
 
 def all_records(run_dir: Path) -> list[dict]:
-    from hpc_rerun.shards import read_records
+    from hpc_rerun.rundir import read_records
 
     return [r for path in sorted(run_dir.glob("attempt-*/shard-*.jsonl")) for r in read_records(path)]
 
@@ -207,7 +207,7 @@ def test_status_asks_slurm_once_per_round_whatever_the_size_of_the_run(slurm_clu
     """A run of 250 array elements (a real array on the dev cluster, trivial jobs): one status round is one
     sacct and one squeue call, counted by wrappers on PATH, and every element gets a state."""
     from hpc_rerun.atomic import atomic_write_json
-    from hpc_rerun.submit import record_submission
+    from hpc_rerun.rundir import RunDir
 
     run_dir = plan_run(gappy_benchmark, tiny_model_dir, 1)
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -216,7 +216,7 @@ def test_status_asks_slurm_once_per_round_whatever_the_size_of_the_run(slurm_clu
     atomic_write_json(run_dir / "plan.json", plan)
     array = subprocess.run(["sbatch", "--parsable", "--array=0-249%50", "-o", "/dev/null", "--wrap", "sleep 2"],
                            capture_output=True, text=True, check=True).stdout.strip()
-    record_submission(run_dir, 1, "slurm", {str(n): f"{array}_{n}" for n in range(250)}, {})
+    RunDir(run_dir).attempt(1).record_submission("slurm", {str(n): f"{array}_{n}" for n in range(250)}, {})
     wrappers, calls = tmp_path / "bin", tmp_path / "calls.log"
     wrappers.mkdir()
     for tool in ("sacct", "squeue"):

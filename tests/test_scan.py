@@ -20,7 +20,7 @@ from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_data_root, w
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 COMPILED = MINI / "results" / "complied"
 FULL_TASKS = MINI / "QA_final_sc_filled.json"
-# Files absent from the published data (../shared/notes/realhitbench.md).
+# Files absent from the published data (docs/facts.md).
 MISSING_IN_PUBLISHED_DATA = {
     *(f"{d}/society-table10_swap{e}" for d, e in [("latex", ".txt"), ("html", ".html"), ("csv", ".csv"),
                                                   ("markdown", ".md"), ("json", ".json"), ("tables", ".xlsx")]),

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpc_rerun.benchmark import load_tasks
-from hpc_rerun.sandbox import run_plot_code
-from hpc_rerun.scoring import extract_plot_code, normalise, score
+from hpc_rerun.inference.sandbox import run_plot_code
+from hpc_rerun.inference.scoring import extract_plot_code, normalise, score
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 
@@ -44,7 +44,7 @@ def test_an_articles_only_answer_scores_zero_as_the_stored_metrics_have_it():
     """Choice "A" against reference "A": normalisation removes the article, the prediction becomes '#' and
     the reference stays empty, so the benchmark stores F1, EM and ROUGE-L 0 (31 such items in the users'
     tree); "B" against "B" scores 100."""
-    from hpc_rerun.scoring import text_metrics
+    from hpc_rerun.inference.scoring import text_metrics
 
     assert text_metrics("A", "A") == {"F1": 0.0, "EM": 0.0, "ROUGE-L": 0.0, "SacreBLEU": 0.0}
     assert text_metrics("the", "A")["EM"] == 0.0
@@ -99,7 +99,7 @@ def test_sandbox_reads_the_table_and_cannot_change_it():
 
 
 def test_a_sandbox_that_cannot_start_is_an_error_not_a_zero_score(monkeypatch):
-    import hpc_rerun.sandbox as sandbox
+    import hpc_rerun.inference.sandbox as sandbox
 
     sandbox.check_sandbox.cache_clear()
     monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python3")
@@ -145,7 +145,7 @@ def test_the_sandbox_works_from_a_clone_in_a_private_home(tmp_path):
                                   str(site / "pandas" / "__init__.py")])
     assert unreachable.returncode != 0, "the set-up must really hide the packages from nobody"
     xlsx = MINI / "data" / "tables" / "employment-table01.xlsx"
-    probe = ("import json, sys; from pathlib import Path; from hpc_rerun.sandbox import run_plot_code; "
+    probe = ("import json, sys; from pathlib import Path; from hpc_rerun.inference.sandbox import run_plot_code; "
              "run = run_plot_code(sys.stdin.read(), Path(sys.argv[1]), 'employment-table01'); "
              "print(json.dumps([run.ok, run.y_values, run.error]))")
     out = subprocess.run([str(venv / "bin" / "python"), "-c", probe, str(xlsx)], input=PLOT_FROM_THE_TABLE,

@@ -15,7 +15,8 @@ import cloudpickle
 import pytest
 import submitit
 
-from hpc_rerun.executors import SlurmUnavailable, slurm_executor
+from hpc_rerun.backends import BackendUnavailable as SlurmUnavailable
+from hpc_rerun.backends.slurm import slurm_executor
 
 from .conftest import DEV_CLUSTER, max_overlap
 

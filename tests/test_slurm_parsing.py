@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from hpc_rerun.status import expand_job_ids, parse_states, resolve_state
+from hpc_rerun.backends.slurm import expand_job_ids, parse_states, resolve_state
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, 0)
 
@@ -52,7 +52,7 @@ def test_an_element_submitit_stopped_requeueing_counts_as_timed_out(tmp_path):
     limit once more than it may requeue: Slurm says FAILED, the reason is the time limit."""
     import pickle
 
-    from hpc_rerun.status import timed_out_too_often
+    from hpc_rerun.backends.slurm import timed_out_too_often
 
     outcomes = {"7_0": ("error", "Traceback ...\nsubmitit.core.utils.UncompletedJobError: Job not requeued because: "
                                  "timed-out too many times.\n"),

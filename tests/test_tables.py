@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from hpc_rerun import tables as tables_module
+from hpc_rerun.inference import tables as tables_module
 from hpc_rerun.benchmark import Task
-from hpc_rerun.engine import TABLE_SLOT, Engine, PromptTooLong, Request
-from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text
-from hpc_rerun.shards import ShardSpec, read_records, records_path
-from hpc_rerun.tables import TableCache
-from hpc_rerun.worker import run_shard
+from hpc_rerun.inference.engine import TABLE_SLOT, Engine, PromptTooLong, Request
+from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text
+from hpc_rerun.rundir import ShardSpec, read_records, records_path
+from hpc_rerun.inference.tables import TableCache
+from hpc_rerun.inference.worker import run_shard
 
 TASK = Task(1, "x", "Fact Checking", None, "Is the value in the last row larger than 12?", "Yes")
 MINI_TASKS = Path(__file__).parent / "fixtures" / "realhitbench-mini" / "QA_final_sc_filled.json"

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from qwen_vl_utils import process_vision_info
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-from hpc_rerun.tinymodel import build_tiny_qwen3vl
+from hpc_rerun.inference.tinymodel import build_tiny_qwen3vl
 
 
 @pytest.fixture(scope="module")

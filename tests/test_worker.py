@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hpc_rerun import worker as worker_module
+from hpc_rerun.inference import worker as worker_module
 from hpc_rerun.benchmark import load_tasks
-from hpc_rerun.engine import Engine, Request, fit_image
-from hpc_rerun.prompts import DEFAULT_PROMPTS, build_prompt_text, load_prompt_set
-from hpc_rerun.shards import ShardSpec, read_records, records_path
-from hpc_rerun.worker import run_shard
+from hpc_rerun.inference.engine import Engine, Request, fit_image
+from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text, load_prompt_set
+from hpc_rerun.rundir import ShardSpec, read_records, records_path
+from hpc_rerun.inference.worker import run_shard
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 TASKS = MINI / "QA_final_sc_filled.json"
@@ -258,7 +258,7 @@ def test_engine_packed_batch_equals_one_by_one_in_fp32_greedy(engine_requests):
 def test_engine_stops_each_sequence_at_its_end_token(tiny_model_dir, data_root):
     """Each sequence stops at its own end token (the answering model says its answer, then <|im_end|>);
     min_new_tokens holds the end token back as HF does."""
-    from hpc_rerun.tinymodel import build_tiny_qwen3vl
+    from hpc_rerun.inference.tinymodel import build_tiny_qwen3vl
 
     answering = build_tiny_qwen3vl(data_root.parent / "answering", answer="[Final Answer]: Yes")
     engine = Engine(str(answering), dtype="float32")
@@ -309,7 +309,7 @@ def test_prompts_are_prepared_a_few_ahead_of_the_gpu_and_failures_do_not_stop_th
 
 
 def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement(engine_requests, caplog):
-    from hpc_rerun import packed
+    from hpc_rerun.inference import packed
 
     engine, prompts = engine_requests
     banned = {"do_sample": False, "max_new_tokens": 8, "no_repeat_ngram_size": 2}
@@ -372,3 +372,4 @@ def test_per_task_overrides_from_resubmit_are_honoured(tmp_path, tiny_model_dir,
     assert image["pixel_cap"] == 100_000 and image["image_pixels"] <= 100_000
     text = records[("qwen3vl_text/text_csv", 1)]["provenance"]
     assert text["truncated_to_tokens"] <= 4_500 < text["prompt_tokens"]
+

@@ -13,7 +13,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from .benchmark import XLSX_DIR, XLSX_EXT, Task
+from ..benchmark import XLSX_DIR, XLSX_EXT, Task
 
 GPT_EVAL_PLACEHOLDER = {"GPT_EVAL": "N/A (no eval_api_key)"}
 JUDGED_SUBTYPES = {"Summary Analysis", "Anomaly Analysis"}

@@ -328,7 +328,7 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
 LONG_PREFILL_KEYS = 8192  # a lone sequence attending to this many keys or more: the split kernel, if faster
 
 
-def split_prefill(q, k, v, start: int, keys: int, scale: float, attend) -> torch.Tensor:
+def split_prefill(q, k, v, start: int, keys: int, attend) -> torch.Tensor:
     """One sequence's prefill piece (its queries the last of ``keys`` keys from pool row ``start``) as two
     attentions merged by their log-sum-exp: the earlier keys without a mask, the piece's own causally.
 
@@ -383,7 +383,7 @@ def long_prefill_kernel(device: torch.device, dtype: torch.dtype) -> str:
         attend = functools.partial(cudnn_attend, scale=scale)
         pool = torch.randn(2, 6000, 8, 128, generator=gen, device=device, dtype=dtype)
         q = torch.randn(512, 32, 128, generator=gen, device=device, dtype=dtype)
-        split = split_prefill(q, pool[0], pool[1], 100, 4608, scale, attend).float()
+        split = split_prefill(q, pool[0], pool[1], 100, 4608, attend).float()
         slow = _reference(q, pool[0], pool[1], _lone_layout(pool, 100, 512, 4608), scale).float()
         error = ((split - slow).norm() / slow.norm()).item()
         if not error < 1e-2:
@@ -405,7 +405,7 @@ def long_prefill_kernel(device: torch.device, dtype: torch.dtype) -> str:
 
         flash = seconds(lambda: _flash(q, pool[0], pool[1], layout, True, scale)) if _flash_agrees(device, dtype) \
             else float("inf")
-        cudnn = seconds(lambda: split_prefill(q, pool[0], pool[1], start, keys, scale, attend))
+        cudnn = seconds(lambda: split_prefill(q, pool[0], pool[1], start, keys, attend))
         chosen = "cudnn" if cudnn < flash else "flash"
         log.info("long prefill pieces: %s (cuDNN split %.1f ms, flash varlen %.1f ms)", chosen, cudnn, flash)
         return chosen
@@ -491,7 +491,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     lone_long = (len(layout.host_cu_q) == 2 and layout.max_q > 1 and layout.host_used is not None
                  and layout.host_used[0] >= LONG_PREFILL_KEYS and layout.shared_used is None)
     if flash_available(q.device, q.dtype) and lone_long and long_prefill_kernel(q.device, q.dtype) == "cudnn":
-        out = split_prefill(q, pool[0], pool[1], layout.host_starts[0], layout.host_used[0], scaling,
+        out = split_prefill(q, pool[0], pool[1], layout.host_starts[0], layout.host_used[0],
                             functools.partial(cudnn_attend, scale=scaling))
     elif flash_available(q.device, q.dtype):
         out = _flash(q, pool[0], pool[1], layout, causal=layout.max_q > 1, scale=scaling)

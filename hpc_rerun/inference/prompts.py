@@ -12,7 +12,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmark import BenchmarkError, Task
+from ..benchmark import BenchmarkError, Task
 
 MODULE_FILES = {"text": "answer_prompt_llm.py", "image": "answer_prompt_mlm.py", "mix": "answer_prompt_mix.py"}
 IMAGE_PLACEHOLDER = "[See the table image]"

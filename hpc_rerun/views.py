@@ -131,3 +131,24 @@ def print_status(run_dir, statuses, totals: dict, console: Console | None = None
     if not console.is_terminal:
         console.width = 160
     console.print(status_view(run_dir, statuses, totals), highlight=False)
+
+
+def rescore_lines(reports, write: bool) -> list[str]:
+    """Per configuration what rescore found (items that differ, by metric, examples), then the total."""
+    lines = []
+    for r in reports:
+        metrics = ", ".join(f"{name} {count}" for name, count in sorted(r.changed.items())) or "-"
+        lines.append(f"{r.config}: {r.items} answered, {r.changed_items} differ ({metrics})"
+                     f"{', written' if r.written else ''}")
+        lines += [f"  id {e['id']}: stored {e['stored']} -> {e['rescored']}" for e in r.examples]
+    total = sum(r.changed_items for r in reports)
+    lines.append(f"{total} item(s) whose stored Metrics differ{'' if write or not total else ' (--write to fix)'}")
+    return lines
+
+
+def report_lines(written: dict[str, list[str]], checked: int, dry_run: bool) -> list[str]:
+    """The derived files report wrote (or would write), then the count."""
+    changed = [p for paths in written.values() for p in paths]
+    return [f"{'would write' if dry_run else 'wrote'} {path}" for path in changed] + [
+        f"{len(changed)} file(s) {'to write' if dry_run else 'written'}; "
+        f"{checked} configuration(s) with aggregate_metrics checked"]

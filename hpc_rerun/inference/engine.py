@@ -15,15 +15,12 @@ from typing import Callable, Iterator, TypeVar
 import torch
 from PIL import Image
 
+from ..pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_IMAGE_TOKENS, TOKEN_PIXELS
 from .packed import PackedGenerator, Prompt, Sampling, Sharing, kv_bytes_per_token
 from .tables import TableCut, TokenizedTable
 
 PATCH = 16  # Qwen3-VL vision patch size (qwen_vl_utils' default of 14 is Qwen2's)
-TOKEN_PIXELS = 32  # one visual token per 32x32 px after the 2x2 merge
-DEFAULT_MAX_PIXELS = 16384 * TOKEN_PIXELS**2  # the processor's own limit (~16.8M px)
-MAX_IMAGE_TOKENS = DEFAULT_MAX_PIXELS // TOKEN_PIXELS**2
-DEFAULT_MIN_PIXELS = 4 * TOKEN_PIXELS**2
-# Measured (docs/performance.md, ../shared/notes/gpu-baseline.md): 200K prompt tokens fit in 80 GB
+# Measured (docs/performance.md, docs/facts.md): 200K prompt tokens fit in 80 GB
 # beside the 8B weights (16.3 GiB); the budget scales with the memory left after the weights.
 MEASURED_TOKENS, MEASURED_GIB, WEIGHTS_GIB = 200_000, 80, 17
 

@@ -186,3 +186,19 @@ class TableCache:
             self._users[path] = self._users.get(path, 1) - 1
             if self._users[path] <= 0:
                 self._tables.pop(path, None)
+
+
+def load_tokenizer(model_path: str | None):
+    """The model's tokenizer, for counting only (whole tables are measured, never fed as they are); None
+    where it cannot be loaded here (no model folder, or no transformers on a login node): the planner then
+    estimates tokens from bytes."""
+    if not model_path or not Path(model_path).is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (ImportError, OSError, ValueError):
+        return None
+    tokenizer.model_max_length = 1 << 40
+    return tokenizer

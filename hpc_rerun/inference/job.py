@@ -1,0 +1,20 @@
+"""What submitit pickles for each array element: a small callable that runs one shard.
+
+It imports the worker (torch, transformers) only when it runs, so a login node submits without them.
+submitit pickles it by module path: ``hpc_rerun.worker.ShardJob`` (its path before this package existed)
+stays importable for elements submitted by an older version and requeued after an upgrade.
+"""
+
+from __future__ import annotations
+
+import submitit
+
+
+class ShardJob(submitit.helpers.Checkpointable):
+    """On timeout or preemption submitit requeues it (``checkpoint``: the same spec again), and the worker
+    resumes past what the shard file already holds."""
+
+    def __call__(self, spec_path: str) -> dict:
+        from .worker import run_shard
+
+        return run_shard(spec_path)

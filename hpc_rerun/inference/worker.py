@@ -1,0 +1,337 @@
+"""One array element = one shard: load the model once, answer every task, never lose work.
+
+Each task ends as exactly one record in the shard file, success or classified error. The worker
+resumes past what the file already holds (after SIGKILL, time limit or preemption), reads and tokenises
+each table once, cuts prompts to the token budget (the users' rule, then inside lines: tables.py),
+prepares prompts on threads while the GPU works, walks an OOM ladder per task, and never lets one
+task's failure stop the shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
+from ..pixels import DEFAULT_MAX_PIXELS
+from ..rundir import RecordWriter, ShardSpec, read_records, records_path
+from .engine import TABLE_SLOT, Engine, PromptTooLong, Request, fit_image
+from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
+from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
+from .tables import TableCache, TableError, read_text
+
+log = logging.getLogger(__name__)
+
+OOM_RETRIES = 3
+SMALLEST_IMAGE_PIXELS = 4 * 32 * 32  # the processor's minimum: 4 visual tokens
+
+
+class TaskFailure(Exception):
+    """A task that ends as an ``[ERROR]`` record of a known class."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+        self.prediction = f"{ERROR_PREFIX} {message}"
+
+
+@dataclass
+class TaskInput:
+    config: Config
+    task: Task
+    table_path: str | None  # the table text file (text and mix); read and tokenised through the shard's cache
+    image: Image.Image | None
+    token_budget: int
+    min_pixels: int | None
+    max_pixels: int | None
+    retries: int = 0
+    prompts: PromptSet | None = None
+    request: Request | None = None
+    suffix_room: int = 0  # tokens after the table for the longest question of its group (share_key)
+
+    @property
+    def share_key(self) -> tuple:
+        """Tasks of one configuration, table and question type: their prompts are equal up to the question."""
+        return self.config.name, self.task.file_name, self.task.question_type
+
+    def prompt_text(self) -> str:
+        return build_prompt_text(self.task, self.config.modality, self.config.format,
+                                 TABLE_SLOT if self.table_path else None, self.prompts)
+
+
+def source_path(data_root: Path, relpath: str) -> Path:
+    """The data file, refusing a FileName that would leave the data root (checked on the path's text,
+    so a data root whose folders are symbolic links still works)."""
+    root = os.path.normpath(os.path.abspath(data_root))
+    path = os.path.normpath(os.path.join(root, relpath))
+    if os.path.commonpath([root, path]) != root:
+        raise TaskFailure("bad_input", f"Bad input: file name escapes the data root: {relpath}")
+    return Path(path)
+
+
+def load_input(config: Config, task: Task, data_root: Path, settings: dict, token_budget: int,
+               checked_tables: dict[str, str | None]) -> TaskInput:
+    """Open the image and check the table text a task needs (each table once: ``checked_tables`` maps a
+    path to its problem or None); missing or broken inputs never reach the model."""
+    paths = {rel: source_path(data_root, rel) for rel in required_files(task, config)}
+    for rel, path in paths.items():
+        if not path.is_file():
+            raise TaskFailure("missing_input", f"File not found: {path}")
+    table_path = image = None
+    for rel, path in paths.items():
+        if rel.startswith("image/"):
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+                    image = opened.convert("RGB")
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                raise TaskFailure("bad_input", f"Bad input: cannot decode image {path} ({err})") from None
+        elif not rel.startswith("tables/"):
+            table_path = str(path)
+            if table_path not in checked_tables:
+                try:
+                    read_text(path)
+                    checked_tables[table_path] = None
+                except TableError as err:
+                    checked_tables[table_path] = str(err)
+            if checked_tables[table_path]:
+                raise TaskFailure("bad_input", f"Bad input: {checked_tables[table_path]}")
+    return TaskInput(config, task, table_path, image, token_budget,
+                     settings.get("min_pixels"), settings.get("max_pixels"))
+
+
+def prepare(engine: Engine, ti: TaskInput, generation: dict, tables: TableCache) -> Request:
+    """The request within the task's token budget (its table cut to fit), or a classified failure."""
+    config = ti.config
+    image = fit_image(ti.image, ti.min_pixels, ti.max_pixels) if ti.image is not None else None
+    try:
+        table = tables.get(ti.table_path) if ti.table_path else None
+        ti.request = engine.prepare(ti.prompt_text(), image, generation, ti.token_budget, table, ti.share_key,
+                                    ti.suffix_room)
+    except TableError as err:
+        raise TaskFailure("bad_input", f"Bad input: {err}") from None
+    except PromptTooLong as err:
+        if config.modality == "image":
+            raise TaskFailure("oom_image", f"OOM: Image too large ({ti.image.size})") from None
+        raise TaskFailure("oom_text", f"OOM: Text too large ({err.full_tokens} tokens)") from None
+    finally:
+        if ti.table_path:
+            tables.release(ti.table_path)
+    return ti.request
+
+
+def error_metrics(task: Task) -> dict:
+    if task.question_type == "Visualization":
+        return {"ECR": False, "Pass": "None"}
+    if task.sub_type in JUDGED_SUBTYPES:
+        return dict(GPT_EVAL_PLACEHOLDER)
+    return {"F1": 0.0, "EM": 0.0, "ROUGE-L": 0.0, "SacreBLEU": 0.0}
+
+
+class ShardRunner:
+    def __init__(self, spec_path: str | Path):
+        self.spec_path = Path(spec_path)
+        self.spec = ShardSpec.read(spec_path)
+        self.data_root = Path(self.spec.data_root)
+        self.generation = dict(self.spec.generation)  # the plan's, the same in every attempt
+        self.engine: Engine | None = None
+        self.tables: TableCache | None = None
+        self.gpu = "cpu"
+
+    def provenance(self, config: Config, started: float, error_class: str | None, ti: TaskInput | None = None) -> dict:
+        request = ti.request if ti else None
+        env = os.environ
+        return {
+            "config": config.name,
+            "run_id": self.spec.run_id,
+            "attempt": self.spec.attempt,
+            "shard": self.spec.shard,
+            "slurm_job_id": env.get("SLURM_JOB_ID"),
+            "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+            "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+            "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+            "host": socket.gethostname(),
+            "gpu": self.gpu,
+            "start": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            "end": dt.datetime.now().isoformat(timespec="seconds"),
+            "prompt_tokens": request.extras.get("full_tokens") if request else None,
+            "prompt_budget": ti.token_budget if ti else None,
+            "truncated_to_tokens": request.prompt_tokens if request and request.cut and request.cut.rule else None,
+            "truncation": request.cut.record() if request and request.cut and request.cut.rule else None,
+            "pixel_cap": (ti.max_pixels or DEFAULT_MAX_PIXELS) if request and request.image else None,
+            "image_pixels": (request.image.size[0] * request.image.size[1]) if request and request.image else None,
+            "retries": ti.retries if ti else 0,
+            "error_class": error_class,
+            "reference_from": self.spec.task_list,  # the Reference it was scored against (some stored items differ)
+            "greedy": not self.generation.get("do_sample", False),
+        }
+
+    def record(self, task: Task, config: Config, prediction: str, metrics: dict, seconds: float, started: float,
+               error_class: str | None, ti: TaskInput | None = None) -> dict:
+        return {
+            "id": task.id, "FileName": task.file_name, "QuestionType": task.question_type,
+            "SubQType": task.sub_type, "Question": task.question, "Reference": task.reference,
+            "Prediction": prediction, "Metrics": metrics, "ProcessingTime": round(seconds, 2),
+            "provenance": self.provenance(config, started, error_class, ti),
+        }
+
+    def fail(self, writer: RecordWriter, config: Config, task: Task, failure: TaskFailure, started: float,
+             ti: TaskInput | None = None) -> None:
+        log.info("task %s/%s: %s", config.name, task.id, failure.prediction)
+        writer.append(self.record(task, config, failure.prediction, error_metrics(task), time.time() - started,
+                                  started, failure.error_class, ti))
+
+    def run(self) -> dict:
+        out = records_path(self.spec_path)
+        done = {(r.get("provenance", {}).get("config"), r.get("id")) for r in read_records(out, repair=True)}
+        todo = [t for t in self.spec.tasks if (t["config"], t["id"]) not in done]
+        summary = {"shard": self.spec.shard, "total": len(self.spec.tasks), "already_done": len(self.spec.tasks) - len(todo)}
+        if not todo:
+            return summary
+        tasks = load_tasks(self.spec.task_list)
+        Image.MAX_IMAGE_PIXELS = None  # 233 MP tables exist; fit_image caps what reaches the model
+        with RecordWriter(out) as writer:
+            inputs = self.load_inputs(todo, tasks, writer)
+            if inputs:
+                self.engine = Engine(self.spec.model, self.spec.dtype)
+                self.gpu = self.engine.device_name
+                self.tables = TableCache(self.engine.tokenizer)
+                # --token-budget or what the card holds, never past the model's context less the new tokens.
+                budget = self.engine.token_budget(self.generation, requested=self.spec.token_budget)
+                prompt_sets = {}
+                for ti in inputs:
+                    ti.token_budget = min(ti.token_budget or budget, budget)
+                    if ti.config.modality not in prompt_sets:
+                        prompt_sets[ti.config.modality] = load_prompt_set(self.spec.prompts, ti.config.modality)
+                    ti.prompts = prompt_sets[ti.config.modality]
+                    if ti.table_path:
+                        self.tables.expect(ti.table_path)
+                self.reserve_suffixes(inputs)
+                # Tasks of one table together: its tokenisation serves them while it is cached.
+                inputs.sort(key=lambda ti: (ti.table_path or "", ti.config.name, ti.task.question_type, ti.task.id))
+                for batch in self.engine.stream_batches(inputs, self.prepare, lambda ti, err: self.not_prepared(
+                        writer, ti, err), self.generation, self.spec.batch_tokens):
+                    self.run_batch(batch, writer)
+        summary["written"] = len(todo)
+        return summary
+
+    def prepare(self, ti: TaskInput) -> Request:
+        return prepare(self.engine, ti, self.generation, self.tables)
+
+    def reserve_suffixes(self, inputs: list[TaskInput]) -> None:
+        """Each task's table is cut leaving room for the longest question of its group, so the group's
+        prompts are equal up to the question and the engine prefills that part once."""
+        rooms: dict[tuple, int] = {}
+        for ti in inputs:
+            if ti.table_path:
+                suffix = self.engine.suffix_tokens(ti.prompt_text(), ti.image)
+                rooms[ti.share_key] = max(rooms.get(ti.share_key, 0), suffix)
+        for ti in inputs:
+            ti.suffix_room = rooms.get(ti.share_key, 0)
+
+    def not_prepared(self, writer: RecordWriter, ti: TaskInput, err: Exception) -> None:
+        """A task whose prompt could not be made: a classified error record; the shard goes on."""
+        if not isinstance(err, TaskFailure):  # one task's broken input never stops the shard
+            log.error("task %s/%s: preparing the prompt failed", ti.config.name, ti.task.id, exc_info=err)
+            err = TaskFailure("other", f"{type(err).__name__}: {err}")
+        self.fail(writer, ti.config, ti.task, err, time.time(), ti)
+
+    def load_inputs(self, todo: list[dict], tasks: dict[int, Task], writer: RecordWriter) -> list[TaskInput]:
+        inputs, checked_tables = [], {}
+        for entry in todo:
+            config, started = Config.parse(entry["config"]), time.time()
+            task = tasks.get(entry["id"])
+            if task is None:
+                log.error("task %s is not in %s; skipped", entry["id"], self.spec.task_list)
+                continue
+            # Per-task overrides come from resubmit's escalation (a smaller budget or pixel cap after OOM).
+            settings = {**self.spec.configs.get(config.name, {}),
+                        **{k: entry[k] for k in ("min_pixels", "max_pixels") if k in entry}}
+            try:
+                inputs.append(load_input(config, task, self.data_root, settings, entry.get("token_budget") or 0,
+                                         checked_tables))
+            except TaskFailure as failure:
+                self.fail(writer, config, task, failure, started)
+        return inputs
+
+    def run_batch(self, batch: list[TaskInput], writer: RecordWriter) -> None:
+        """Generate a batch; an OOM splits it, a lone task walks the OOM ladder; other errors isolate."""
+        started = time.time()
+        try:
+            responses = self.engine.generate_encoded(self.engine.encode([ti.request for ti in batch]))
+        except torch.OutOfMemoryError:
+            self.engine.free_memory()
+            if len(batch) > 1:
+                half = len(batch) // 2
+                self.run_batch(batch[:half], writer)
+                self.run_batch(batch[half:], writer)
+            else:
+                self.retry_smaller(batch[0], writer, started)
+            return
+        except Exception as err:  # a broken task must not stop the shard
+            if len(batch) > 1:
+                for ti in batch:
+                    self.run_batch([ti], writer)
+                return
+            log.exception("task %s/%s failed", batch[0].config.name, batch[0].task.id)
+            self.fail(writer, batch[0].config, batch[0].task,
+                      TaskFailure("other", f"{type(err).__name__}: {err}"), started, batch[0])
+            return
+        seconds = (time.time() - started) / len(batch)
+        for ti, response in zip(batch, responses):
+            self.write_answer(ti, response, seconds, started, writer)
+
+    def retry_smaller(self, ti: TaskInput, writer: RecordWriter, started: float) -> None:
+        """Halve the token budget (text) or the pixel cap (image), or both (mix), up to 3 times."""
+        if ti.retries >= OOM_RETRIES:
+            failure = (TaskFailure("oom_image", f"OOM: Image too large ({ti.image.size})")
+                       if ti.config.modality == "image" else
+                       TaskFailure("oom_text", f"OOM: Text too large ({ti.request.extras['full_tokens']} tokens)"))
+            self.fail(writer, ti.config, ti.task, failure, started, ti)
+            return
+        ti.retries += 1
+        if ti.config.modality in ("text", "mix"):
+            ti.token_budget = max(ti.request.prompt_tokens // 2, 1)
+        if ti.image is not None:
+            width, height = ti.request.image.size
+            ti.max_pixels = max(width * height // 2, SMALLEST_IMAGE_PIXELS)
+            ti.min_pixels = min(ti.min_pixels or 0, ti.max_pixels) or None
+        log.warning("task %s/%s: out of memory, retry %d with budget %d tokens / cap %s px", ti.config.name,
+                    ti.task.id, ti.retries, ti.token_budget, ti.max_pixels)
+        if ti.table_path:
+            self.tables.expect(ti.table_path)
+        try:
+            self.prepare(ti)
+        except TaskFailure as failure:
+            self.fail(writer, ti.config, ti.task, failure, started, ti)
+            return
+        self.run_batch([ti], writer)
+
+    def write_answer(self, ti: TaskInput, response: str, seconds: float, started: float, writer: RecordWriter) -> None:
+        answer = extract_answer(response)
+        if answer is None:
+            failure = TaskFailure("format_failure", "Failed to get proper final answer format")
+            self.fail(writer, ti.config, ti.task, failure, started, ti)
+            return
+        try:
+            metrics = score(ti.task, answer, self.data_root)
+        except Exception as err:  # e.g. the plotting sandbox cannot run: say so on the item, keep going
+            log.exception("task %s/%s: scoring failed", ti.config.name, ti.task.id)
+            self.fail(writer, ti.config, ti.task, TaskFailure("other", f"Scoring failed: {type(err).__name__}: {err}"),
+                      started, ti)
+            return
+        writer.append(self.record(ti.task, ti.config, answer, metrics, seconds, started, None, ti))
+
+
+
+def run_shard(spec_path: str | Path) -> dict:
+    """Entry point for one array element (and ``hpc-rerun worker``)."""
+    return ShardRunner(spec_path).run()
