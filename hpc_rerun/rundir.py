@@ -1,7 +1,8 @@
 """The run directory, ``logs/<run-id>/``: the one place that knows its files and writes them.
 
     plan.json                   the run's state: inputs, settings, Slurm options, result files' hashes,
-                                and per attempt its shards, executor, job ids, pool pid, causes
+                                and per attempt its shards, executor, job ids and Slurm job name, pool
+                                pid, causes
     attempt-N/shard-NNNN.json   a shard spec: what one array element (or local worker) runs
     attempt-N/shard-NNNN.jsonl  its records, one per task, appended as answered
     attempt-N/shard-NNNN.log    a local worker's output

@@ -32,6 +32,7 @@ class ShardStatus:
     open: int  # its tasks that no attempt (this one or a later) has answered yet
     predicted_s: float | None = None  # the plan's estimate of its GPU seconds
     actual_s: float | None = None  # from its first task's start to its last task's end
+    note: str | None = None  # the scheduler's story before this state, e.g. "requeued 1x after: preempted"
 
     @property
     def missing(self) -> int:
@@ -67,7 +68,7 @@ def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
                 total=shard["tasks"], done=len(keys),
                 errors=sum(1 for r in records if str(r.get("Prediction", "")).startswith("[ERROR]")),
                 first_start=min(starts) if starts else None, last_end=max(ends) if ends else None, open=open_tasks,
-                predicted_s=shard.get("cost_s"), actual_s=_span(starts, ends),
+                predicted_s=shard.get("cost_s"), actual_s=_span(starts, ends), note=element.note,
             ))
     return statuses
 

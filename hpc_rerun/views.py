@@ -111,7 +111,8 @@ def status_view(run_dir, statuses, totals: dict):
     colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}
     for s in statuses:
         colour = colours.get(s.state, "red")
-        table.add_row(str(s.attempt), str(s.shard), s.job_id or "-", f"[{colour}]{s.state}[/{colour}]",
+        state = f"[{colour}]{s.state}[/{colour}]" + (f" ({s.note})" if s.note else "")
+        table.add_row(str(s.attempt), str(s.shard), s.job_id or "-", state,
                       f"{s.done}/{s.total}", str(s.errors), _duration(s.predicted_s), _duration(s.actual_s))
     rate = totals["rate_tasks_per_s"]
     line = Table.grid(padding=(0, 2))

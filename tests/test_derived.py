@@ -98,14 +98,15 @@ def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_
 
     from PIL import Image
 
-    from hpc_rerun.derived import aggregate_type_scores
+    from hpc_rerun.derived import aggregate_type_scores, overall_score
 
     complied = MINI / "results" / "complied"
-    summary = {}
+    summary, overall = {}, {}
     for variant in ("qwen3vl_text", "qwen3vl_default_pic"):
         with open(complied / variant / "modality_summary.csv") as fh:
             for row in csv.DictReader(fh):
                 summary[f"{variant}/{row['']}"] = {k: float(v) for k, v in row.items() if k not in ("", "Overall")}
+                overall[f"{variant}/{row['']}"] = float(row["Overall"])
     checks = {"qwen3vl_text/text_html": (0.01, None), "qwen3vl_default_pic/mix_markdown": (1e-6, None),
               "qwen3vl_text/text_json": (1e-6, "Visualization")}
     for config, (tolerance, skip) in checks.items():
@@ -115,6 +116,9 @@ def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_
         assert list(ours) == list(summary[config]), "the users' order of question types"
         for question_type, value in theirs.items():
             assert ours[question_type] == pytest.approx(value, abs=tolerance), (config, question_type)
+        if skip is None:  # Overall: every metric value behind the type scores, pooled
+            assert overall_score(ours) == pytest.approx(overall[config], abs=tolerance), config
+        assert overall_score(summary[config]) == pytest.approx(overall[config], abs=1e-9), "their own rule"
     tree = tmp_path / "results"
     shutil.copytree(complied, tree)
     result = run_cli("report", tree, "--charts")
@@ -123,3 +127,55 @@ def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_
                   "scores_heatmap.png"):
         with Image.open(chart) as image:
             assert image.size[0] > 600 and image.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+
+
+def summary_lines(path: Path) -> dict[str, bytes]:
+    return {line.split(b",")[0].decode(): line for line in path.read_bytes().splitlines()}
+
+
+def test_report_keeps_the_users_summary_and_a_merge_rewrites_only_the_rows_it_changed(tmp_path):
+    """modality_summary.csv per variant: ``report`` leaves the users' file as it is (its cells agree with the
+    aggregates; text_json's Visualization, whose Pass rule the excerpt cannot show, is kept with a warning).
+    A merge into text_html rewrites text_html's row, its cells and Overall from the new aggregates, and
+    leaves every other line byte for byte."""
+    from hpc_rerun.derived import SUMMARY_NAME, aggregate_type_scores, overall_score
+    from hpc_rerun.results import load_result_file
+
+    tree = tmp_path / "results"
+    shutil.copytree(MINI / "results", tree)
+    summary = tree / "complied" / "qwen3vl_text" / SUMMARY_NAME
+    before = summary.read_bytes()
+    result = CliRunner().invoke(main, ["report", str(tree / "complied")])
+    assert result.exit_code == 0, result.output
+    assert summary.read_bytes() == before
+    assert "text_json Visualization is 35.526315789473685" in result.output, result.output
+    result = run_cli("merge-shards", "--into", tree / "complied", "--from", tree / "rerun-text_html-truncate",
+                     "--recompute-aggregates")
+    assert result.exit_code == 0, result.output
+    old, new = summary_lines(MINI / "results" / "complied" / "qwen3vl_text" / SUMMARY_NAME), summary_lines(summary)
+    assert [k for k in old if old[k] != new[k]] == ["text_html"] and list(old) == list(new)
+    merged = load_result_file(tree / "complied" / "qwen3vl_text" / "text_html" / "results.json")
+    scores = aggregate_type_scores(merged.data["aggregate_metrics"], merged.items)
+    row = [float(v) for v in new["text_html"].split(b",")[1:]]
+    assert row == pytest.approx([*scores.values(), overall_score(scores)], abs=1e-9)
+    other = tree / "complied" / "qwen3vl_default_pic" / SUMMARY_NAME
+    assert other.read_bytes() == (MINI / "results" / "complied" / "qwen3vl_default_pic" / SUMMARY_NAME).read_bytes()
+
+
+def test_report_creates_a_summary_on_request_in_the_users_shape(tmp_path):
+    from hpc_rerun.derived import SUMMARY_NAME, aggregate_type_scores, overall_score
+    from hpc_rerun.results import load_result_file
+
+    tree = tmp_path / "results"
+    shutil.copytree(MINI / "results" / "complied", tree)
+    summary = tree / "qwen3vl_text" / SUMMARY_NAME
+    summary.unlink()
+    assert run_cli("report", tree).exit_code == 0 and not summary.exists(), "made only with --create"
+    assert run_cli("report", tree, "--create").exit_code == 0
+    lines = summary.read_bytes().decode().splitlines()
+    assert lines[0] == ",Fact Checking,Numerical Reasoning,Structure Comprehending,Data Analysis,Visualization,Overall"
+    assert [line.split(",")[0] for line in lines[1:]] == ["text_html", "text_json"], "the users' format order"
+    result = load_result_file(tree / "qwen3vl_text" / "text_html" / "results.json")
+    scores = aggregate_type_scores(result.data["aggregate_metrics"], result.items)
+    assert [float(v) for v in lines[1].split(",")[1:]] == [*scores.values(), overall_score(scores)]
+

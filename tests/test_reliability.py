@@ -181,15 +181,10 @@ def test_element_signalled_before_its_time_limit_requeues_itself_and_resumes(slu
     checkpoints, requeues itself, restarts, and resumes from its shard file: no task twice, none lost.
     The signal is sent with scancel --signal=USR2 so the moment is certain (a real 1-2 minute limit
     makes the test a race against the machine's speed)."""
-    (demo_paths["root"] / "model").rename(demo_paths["root"] / "answering-model")
-    from hpc_rerun.inference.tinymodel import build_tiny_qwen3vl
-
-    build_tiny_qwen3vl(demo_paths["root"] / "model")  # random: it talks until max_new_tokens
+    talkative_model(demo_paths)
     run_dir = plan_demo(demo_paths, 1)
-    spec_path = run_dir / "attempt-1" / "shard-0000.json"
+    [spec_path] = slow_specs(run_dir)
     spec = json.loads(spec_path.read_text())
-    spec.update(batch_tokens=1, generation={"do_sample": False, "max_new_tokens": 300, "min_new_tokens": 300})
-    spec_path.write_text(json.dumps(spec))
     cli("submit", run_dir, check=True)
     job = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"]
     shard_file = spec_path.with_suffix(".jsonl")
@@ -372,7 +367,8 @@ def test_a_shard_killed_for_host_memory_is_resubmitted_with_more_memory(slurm_cl
     wrappers = tmp_path / "bin"
     wrappers.mkdir()
     real = shutil.which("sacct")
-    (wrappers / "sacct").write_text(f"#!/bin/sh\n{real} \"$@\" | sed 's/^{job}|CANCELLED.*/{job}|OUT_OF_MEMORY/'\n")
+    (wrappers / "sacct").write_text(  # rows: JobID|JobName|Submit|State
+        f"#!/bin/sh\n{real} \"$@\" | sed 's/^\\({job}|[^|]*|[^|]*\\)|CANCELLED.*/\\1|OUT_OF_MEMORY/'\n")
     (wrappers / "sacct").chmod(0o755)
     env = {"PATH": f"{wrappers}:{os.environ['PATH']}", "HPC_RERUN_LOST_GRACE_S": "5"}
     status = wait_finished(run_dir, 120, env=env)
@@ -388,3 +384,147 @@ def test_a_shard_killed_for_host_memory_is_resubmitted_with_more_memory(slurm_cl
     assert status["summary"]["done"] == status["summary"]["total"]
     cli("merge-shards", run_dir, check=True)
     assert_tree_complete(demo_paths)
+
+
+def talkative_model(paths) -> None:
+    """Swap the demo's always-'Yes' model for a random one: it talks until max_new_tokens, so tasks are slow."""
+    from hpc_rerun.inference.tinymodel import build_tiny_qwen3vl
+
+    (paths["root"] / "model").rename(paths["root"] / "answering-model")
+    build_tiny_qwen3vl(paths["root"] / "model")
+
+
+def slow_specs(run_dir: Path, new_tokens: int = 300) -> list[Path]:
+    """One task per batch, ``new_tokens`` each: a shard runs long enough to be interrupted mid-way."""
+    specs = sorted((run_dir / "attempt-1").glob("shard-*.json"))
+    for path in specs:
+        spec = json.loads(path.read_text())
+        spec.update(batch_tokens=1, generation={"do_sample": False, "max_new_tokens": new_tokens,
+                                                "min_new_tokens": new_tokens})
+        path.write_text(json.dumps(spec))
+    return specs
+
+
+def assert_each_task_answered_once(run_dir: Path) -> None:
+    keys = [(r["provenance"]["config"], r["id"]) for path in run_dir.glob("attempt-*/shard-*.jsonl")
+            for r in read_records(path)]
+    assert len(keys) == len(set(keys)), "a task answered twice"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(540)
+def test_elements_preempted_by_higher_priority_work_are_requeued_and_resume(slurm_cluster, demo_paths):
+    """The run's two elements (8-9 slow tasks each) hold two of the node's four GPUs; a job in the urgent
+    partition (PriorityTier 10, slurm/dev-cluster) asks for all four. Slurm preempts both (PreemptMode=
+    REQUEUE): killed, requeued, started again once the urgent job is done. status says so while it lasts;
+    each element resumes past its shard file; the run completes with every task answered once, and nothing
+    is resubmitted."""
+    talkative_model(demo_paths)
+    run_dir = plan_demo(demo_paths, 2)
+    specs = slow_specs(run_dir)
+    cli("submit", run_dir, check=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not all(len(read_records(p.with_suffix(".jsonl"))) >= 1 for p in specs):
+        time.sleep(0.5)
+    before = {p.name: len(read_records(p.with_suffix(".jsonl"))) for p in specs}
+    assert all(n >= 1 for n in before.values()), f"every element answered a task before: {before}"
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:a100:4", "-o", "/dev/null",
+                             "-J", "urgent", "--wrap", "sleep 20"], capture_output=True, text=True, check=True)
+    notes, deadline = set(), time.time() + 420
+    while time.time() < deadline:
+        status = json.loads(cli("status", run_dir, "--json", env={"HPC_RERUN_LOST_GRACE_S": "30"}).stdout)
+        notes |= {(s["shard"], s["note"]) for s in status["shards"] if s["note"]}
+        if status["summary"]["finished"]:
+            break
+        time.sleep(1)
+    assert status["summary"]["finished"], "the run finished after the urgent job"
+    array = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"].split("_")[0]
+    history = subprocess.run(["sacct", "-D", "-n", "-P", "-X", "-j", array, "-o", "JobID,State"],
+                             capture_output=True, text=True).stdout
+    assert history.count("PREEMPTED") == 2, history
+    assert {shard for shard, note in notes if "preempted" in note} == {0, 1}, notes
+    assert status["summary"]["done"] == status["summary"]["total"] and not status["summary"]["needs_rerun"]
+    assert [s["state"] for s in status["shards"]] == ["COMPLETED"] * 2
+    assert_each_task_answered_once(run_dir)
+    restarted = [r["provenance"]["slurm_restart_count"] for p in specs for r in read_records(p.with_suffix(".jsonl"))]
+    assert max(restarted) >= 1, "the rest was answered by the requeued runs"
+    subprocess.run(["scancel", urgent.stdout.strip()], check=False)
+
+
+SLOW_MODEL_LOAD = '''
+import os
+import time
+from pathlib import Path
+
+if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    from hpc_rerun.inference import engine
+
+    load = engine.Engine.__init__
+
+    def slow_load(self, *args, **kwargs):
+        Path("{marker}").touch()
+        try:  # as model loading code does: a broad except around the slow part
+            time.sleep(20)
+        except Exception:
+            pass
+        load(self, *args, **kwargs)
+
+    engine.Engine.__init__ = slow_load
+'''
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_element_signalled_while_it_loads_the_model_is_requeued_not_lost(slurm_cluster, demo_paths, tmp_path):
+    """USR2 (a time-limit warning, or a preemption) while the element still loads its model, before it has
+    answered anything: submitit's handler runs once loading is done, the element requeues itself and the
+    requeued run answers every task. The load is made slow (20 s inside a broad except, as loading code has)
+    by a sitecustomize on the job's PYTHONPATH, in the first run only: an 8B model takes a minute to load."""
+    marker = tmp_path / "loading"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_MODEL_LOAD.format(marker=marker))
+    env = {"PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+    run_dir = plan_demo(demo_paths, 1)
+    cli("submit", run_dir, env=env, check=True)
+    job = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.2)
+    assert marker.exists(), "the element started loading the model"
+    shard_file = run_dir / "attempt-1" / "shard-0000.jsonl"
+    assert not read_records(shard_file), "signalled before any answer"
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    status = wait_finished(run_dir, 300, env={"HPC_RERUN_LOST_GRACE_S": "30"})
+    assert [s["state"] for s in status["shards"]] == ["COMPLETED"], status["shards"]
+    assert status["summary"]["done"] == status["summary"]["total"]
+    records = read_records(shard_file)
+    assert {r["provenance"]["slurm_restart_count"] for r in records} == {1}, "all answered by the requeued run"
+    assert_each_task_answered_once(run_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+def test_status_reads_its_own_jobs_after_the_cluster_forgot_them_and_reused_their_ids(slurm_cluster, demo_paths):
+    """slurmctld loses its state (slurm/dev-cluster reset-jobs): job ids start again at the run's own array
+    id, and another user's array gets that id and fails. sacct now answers for both; status must read the
+    run's own records (its job name, its submission time) and say COMPLETED, not the stranger's FAILED."""
+    run_dir = plan_demo(demo_paths, 2)
+    cli("submit", run_dir, check=True)
+    assert [s["state"] for s in wait_finished(run_dir, 300)["shards"]] == ["COMPLETED"] * 2
+    array = json.loads((run_dir / "plan.json").read_text())["attempts"][0]["jobs"]["0"].split("_")[0]
+    subprocess.run([str(DEV_CLUSTER), "reset-jobs"], env={**os.environ, "HPC_RERUN_SLURM_FIRST_JOB_ID": array},
+                   check=True, capture_output=True, timeout=120)
+    stranger = subprocess.run(["sbatch", "--parsable", "--array=0-1", "-J", "stranger", "-o", "/dev/null",
+                               "--wrap", "exit 3"], capture_output=True, text=True, check=True).stdout.strip()
+    assert stranger == array, "the id was reused"
+    deadline = time.time() + 60
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", stranger], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(0.5)
+    latest = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array, "-o", "JobID,JobName,State"],
+                            capture_output=True, text=True).stdout
+    assert "stranger|FAILED" in latest, f"sacct answers for the stranger now: {latest}"
+    status = json.loads(cli("status", run_dir, "--json").stdout)
+    assert [s["state"] for s in status["shards"]] == ["COMPLETED"] * 2, status["shards"]
+    assert status["summary"]["finished"] and not status["summary"]["needs_rerun"]

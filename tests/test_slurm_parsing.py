@@ -6,28 +6,44 @@ import datetime as dt
 
 import pytest
 
-from hpc_rerun.backends.slurm import expand_job_ids, parse_states, resolve_state
+from hpc_rerun.backends.slurm import expand_job_ids, our_states, parse_rows, requeue_note, resolve_state
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, 0)
+T0 = "2026-12-01T11:00:00"  # when the run's array was submitted
+OURS = "hpc-rerun-run1"
 
 RECORDED = [
-    # (what the command printed, what the elements' states are)
-    ("4242_0|COMPLETED\n4242_1|RUNNING\n4242_2|FAILED\n", {"4242_0": "COMPLETED", "4242_1": "RUNNING", "4242_2": "FAILED"}),
-    ("4242_[3-5]|PENDING\n", {"4242_3": "PENDING", "4242_4": "PENDING", "4242_5": "PENDING"}),  # pending, in the record
-    ("4242_[6,8-9%2]|PENDING\n", {"4242_6": "PENDING", "4242_8": "PENDING", "4242_9": "PENDING"}),  # throttled
-    ("4242_1|CANCELLED by 0\n", {"4242_1": "CANCELLED"}),
-    ("4242_1|NODE_FAIL\n4242_1|REQUEUED\n4242_1|RUNNING\n", {"4242_1": "RUNNING"}),  # requeued: the latest wins
-    ("4242_7|\n", {"4242_7": "UNKNOWN"}),
-    ("4243|TIMEOUT\n", {"4243": "TIMEOUT"}),  # a one-element "array" is a plain job
-    ("4242_2|OUT_OF_MEMORY\n4242_3|PREEMPTED\n4242_4|DEADLINE\n",
-     {"4242_2": "OUT_OF_MEMORY", "4242_3": "PREEMPTED", "4242_4": "DEADLINE"}),
+    # (what sacct -P -D -X -o JobID,JobName,Submit,State / squeue -o %i|%j|%V|%T printed, the elements' states)
+    (f"4242_0|{OURS}|{T0}|COMPLETED\n4242_1|{OURS}|{T0}|RUNNING\n4242_2|{OURS}|{T0}|FAILED\n",
+     {"4242_0": ["COMPLETED"], "4242_1": ["RUNNING"], "4242_2": ["FAILED"]}),
+    (f"4242_[3-5]|{OURS}|{T0}|PENDING\n", {"4242_3": ["PENDING"], "4242_4": ["PENDING"], "4242_5": ["PENDING"]}),
+    (f"4242_[6,8-9%2]|{OURS}|{T0}|PENDING\n", {"4242_6": ["PENDING"], "4242_8": ["PENDING"], "4242_9": ["PENDING"]}),
+    (f"4242_1|{OURS}|{T0}|CANCELLED by 0\n", {"4242_1": ["CANCELLED"]}),
+    # requeued: every record of the element, oldest first (a requeued element is submitted again)
+    (f"4242_1|{OURS}|{T0}|NODE_FAIL\n4242_1|{OURS}|2026-12-01T11:20:00|PREEMPTED\n"
+     f"4242_1|{OURS}|2026-12-01T11:30:00|RUNNING\n", {"4242_1": ["NODE_FAIL", "PREEMPTED", "RUNNING"]}),
+    (f"4242_7|{OURS}|{T0}|\n", {"4242_7": ["UNKNOWN"]}),
+    (f"4243|{OURS}|{T0}|TIMEOUT\n", {"4243": ["TIMEOUT"]}),  # a one-element "array" is a plain job
+    (f"4242_2|{OURS}|{T0}|OUT_OF_MEMORY\n4242_3|{OURS}|{T0}|PREEMPTED\n4242_4|{OURS}|{T0}|DEADLINE\n",
+     {"4242_2": ["OUT_OF_MEMORY"], "4242_3": ["PREEMPTED"], "4242_4": ["DEADLINE"]}),
+    # job ids reused after the cluster's state was reset: an older job of another run, a newer stranger
+    (f"4242_0|hpc-rerun-older|2026-11-20T09:00:00|COMPLETED\n4242_0|{OURS}|{T0}|RUNNING\n"
+     f"4242_0|interactive|2026-12-01T11:40:00|FAILED\n", {"4242_0": ["RUNNING"]}),
+    (f"4242_0|{OURS}|2026-11-20T09:00:00|COMPLETED\n", {}),  # our name, but from before this run: not ours
     ("", {}),
 ]
 
 
 @pytest.mark.parametrize("text, states", RECORDED)
 def test_recorded_scheduler_output(text, states):
-    assert parse_states(text) == states
+    assert our_states(parse_rows(text), OURS, dt.datetime.fromisoformat(T0)) == states
+
+
+def test_what_came_before_an_element_run_is_noted():
+    assert requeue_note(["PREEMPTED", "PENDING"], "PENDING") == "requeued 1x after: preempted"
+    assert requeue_note(["REQUEUED", "PREEMPTED", "RUNNING"], "RUNNING") == "requeued 2x after: signalled, preempted"
+    assert requeue_note(["PREEMPTED", "COMPLETED"], "COMPLETED") is None  # over: the state says it all
+    assert requeue_note(["RUNNING"], "RUNNING") is None
 
 
 def test_array_ranges():

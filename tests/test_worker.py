@@ -373,3 +373,47 @@ def test_per_task_overrides_from_resubmit_are_honoured(tmp_path, tiny_model_dir,
     text = records[("qwen3vl_text/text_csv", 1)]["provenance"]
     assert text["truncated_to_tokens"] <= 4_500 < text["prompt_tokens"]
 
+
+def test_a_signal_during_generate_waits_for_the_batch_and_never_becomes_a_task_error(
+        tmp_path, tiny_model_dir, data_root, monkeypatch):
+    """Slurm's USR2 lands while the model generates. submitit's handler, when the element may not requeue
+    again, raises UncompletedJobError (an Exception): raised there, the worker's guard around a batch took it
+    for a broken task and wrote a false error record. Now the signal is only noted and submitit's handler
+    runs once the batch's answers are written: the element ends with submitit's verdict, every answer real.
+    The handler here is submitit's own SignalHandler, given a job that has used up its requeues."""
+    import submitit
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
+
+    from hpc_rerun.inference.job import ShardJob
+
+    tasks = [("qwen3vl_text/text_csv", i) for i in (1634, 1635, 1636, 1637)]
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks, batch_tokens=1)
+    delayed = DelayedSubmission(ShardJob(), str(spec))
+    delayed._timeout_countdown = 0  # no requeue left: the handler raises
+    for name, value in {"_TEST_CLUSTER_": "slurm", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "submitit").mkdir()
+    handler = SignalHandler(submitit.JobEnvironment(), JobPaths(tmp_path / "submitit", job_id="1_0"), delayed)
+    monkeypatch.setattr(handler, "has_timed_out", lambda: True)
+    signalled = []
+    generate = Engine.generate_encoded
+
+    def signal_in_the_first_batch(self, encoded):
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.1)  # the signal arrives here, inside the batch
+        return generate(self, encoded)
+
+    monkeypatch.setattr(Engine, "generate_encoded", signal_in_the_first_batch)
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+    try:
+        with pytest.raises(UncompletedJobError, match="timed-out too many times"):
+            delayed.result()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    records = records_by_key(spec)
+    assert signalled and 1 <= len(records) < len(tasks), "stopped after the batch it was signalled in"
+    assert not any("Uncompleted" in str(r["Prediction"]) for r in records.values()), records
+    assert all(r["provenance"]["error_class"] in (None, "format_failure") for r in records.values())

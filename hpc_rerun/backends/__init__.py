@@ -41,6 +41,7 @@ class ElementState:
 
     state: str
     job_id: str | None
+    note: str | None = None  # what happened before, e.g. "requeued 1x after: preempted"
 
 
 class Backend(Protocol):

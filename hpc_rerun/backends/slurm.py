@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..project import read_toml
@@ -136,27 +137,60 @@ def _run(command: list[str]) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, str], bool]:
-    """(sacct states, squeue states, whether sacct answered) for array element ids like ``123_4``."""
-    if not job_ids:
-        return {}, {}, True
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    sacct_out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(arrays), "-o", "JobID,State"])
-    squeue_out = _run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"])
-    return parse_states(sacct_out or ""), parse_states(squeue_out or ""), sacct_out is not None
+SACCT_FIELDS = "JobID,JobName,Submit,State"
+SQUEUE_FORMAT = "%i|%j|%V|%T"
+SUBMIT_SLACK = dt.timedelta(minutes=5)  # Slurm's submit time precedes the one plan.json records by seconds
 
 
-def parse_states(text: str) -> dict[str, str]:
-    """``JobID|State`` lines (sacct -P, squeue -o %i|%T) -> element id -> state. Pending elements still inside
-    their array record come as ranges (``123_[4-7,9%2]``) and are expanded; ``CANCELLED by 0`` is CANCELLED;
-    an empty state is UNKNOWN. A later line for the same element (a requeued one) wins."""
-    states = {}
+@dataclass
+class Row:
+    """One line of sacct (-P -D -X -o JobID,JobName,Submit,State) or squeue (-o %i|%j|%V|%T), per element."""
+
+    element: str
+    name: str
+    submitted: dt.datetime | None
+    state: str
+
+
+def parse_rows(text: str) -> list[Row]:
+    """Rows per element, in the order printed: pending elements still inside their array record come as
+    ranges (``123_[4-7,9%2]``) and are expanded; ``CANCELLED by 0`` is CANCELLED; an empty state UNKNOWN."""
+    rows = []
     for line in text.splitlines():
-        job, _, state = line.partition("|")
-        state = state.split()[0] if state.strip() else "UNKNOWN"
-        for element in expand_job_ids(job.strip()):
-            states[element] = state
+        fields = line.split("|")
+        if len(fields) != 4:
+            continue
+        job, name, submitted, state = (f.strip() for f in fields)
+        try:
+            when = dt.datetime.fromisoformat(submitted)
+        except ValueError:
+            when = None
+        state = state.split()[0] if state else "UNKNOWN"
+        rows += [Row(element, name, when, state) for element in expand_job_ids(job)]
+    return rows
+
+
+def our_states(rows: list[Row], name: str, since: dt.datetime | None) -> dict[str, list[str]]:
+    """element -> its states, oldest first, counting only the rows of this attempt's array: its job name,
+    submitted no earlier than the attempt. Job ids restart after a cluster's state is reset, and sacct then
+    answers for another job with the same id."""
+    states: dict[str, list[str]] = {}
+    for row in rows:
+        if row.name != name or (since and row.submitted and row.submitted < since - SUBMIT_SLACK):
+            continue
+        states.setdefault(row.element, []).append(row.state)
     return states
+
+
+def query(job_ids: list[str]) -> tuple[list[Row], list[Row], bool]:
+    """(sacct rows, squeue rows, whether sacct answered) for the arrays of these element ids, in one call
+    each. sacct with --duplicates: every record of a requeued element, and of a reused job id."""
+    if not job_ids:
+        return [], [], True
+    arrays = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    sacct_out = _run(["sacct", "-n", "-P", "-D", "-X", "-j", arrays, "-o", SACCT_FIELDS])
+    squeue_out = _run(["squeue", "-h", "-r", "-j", arrays, "-o", SQUEUE_FORMAT])
+    return parse_rows(sacct_out or ""), parse_rows(squeue_out or ""), sacct_out is not None
 
 
 def expand_job_ids(job: str) -> list[str]:
@@ -204,6 +238,19 @@ def job_name(run_id: str) -> str:
     return f"hpc-rerun-{run_id}"
 
 
+REQUEUE_CAUSES = {"PREEMPTED": "preempted", "REQUEUED": "signalled", "NODE_FAIL": "node failure",
+                  "TIMEOUT": "time limit"}
+
+
+def requeue_note(history: list[str], state: str) -> str | None:
+    """What happened before an element's current run, while it lasts: ``requeued 1x after: preempted``."""
+    earlier = [s for s in history[:-1] if s in REQUEUE_CAUSES]
+    if not earlier or state not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "ENDING"):
+        return None
+    causes = ", ".join(dict.fromkeys(REQUEUE_CAUSES[s] for s in earlier))
+    return f"requeued {len(earlier)}x after: {causes}"
+
+
 def _modified(path: Path) -> dt.datetime | None:
     try:
         return dt.datetime.fromtimestamp(path.stat().st_mtime)
@@ -224,7 +271,8 @@ class SlurmBackend:
         slurm = options.slurm
         executor = slurm_executor(attempt.run.submitit_folder,
                                   int(slurm.get("max_requeues", SLURM_DEFAULTS["max_requeues"])))
-        executor.update_parameters(**executor_parameters(slurm, attempt.run.load()["run_id"]))
+        run_id = attempt.run.load()["run_id"]
+        executor.update_parameters(**executor_parameters(slurm, run_id))
         shards = attempt.shards
         chunk = max_array_size()
         jobs: dict[int, str] = {}
@@ -232,15 +280,18 @@ class SlurmBackend:
             part = shards[start:start + chunk]
             submitted = executor.map_array(ShardJob(), [str(attempt.spec_file(s)) for s in part])
             jobs.update({s["shard"]: job.job_id for s, job in zip(part, submitted)})
-        attempt.record_submission(self.name, jobs, slurm)
+        attempt.record_submission(self.name, jobs, slurm, job_name=job_name(run_id))
         arrays = sorted({j.split("_")[0] for j in jobs.values()})
         return f"{len(jobs)} shards submitted as job array {', '.join(arrays)}"
 
     def states(self, attempts: list[Attempt], now: dt.datetime) -> dict[tuple[int, int], ElementState]:
-        sacct, squeue, sacct_ok = slurm_states([j for a in attempts for j in a.jobs.values()])
+        sacct_rows, squeue_rows, sacct_ok = query([j for a in attempts for j in a.jobs.values()])
         folder = attempts[0].run.submitit_folder if attempts else None
         states = {}
         for attempt in attempts:
+            name = attempt.entry.get("job_name") or job_name(attempt.run.load()["run_id"])
+            sacct = our_states(sacct_rows, name, attempt.submitted)
+            squeue = {e: s[-1] for e, s in our_states(squeue_rows, name, attempt.submitted).items()}
             for shard in attempt.shards:
                 job_id = attempt.jobs.get(str(shard["shard"]))
                 if not job_id:
@@ -251,10 +302,11 @@ class SlurmBackend:
                 logs = [folder / f"{job_id}_0_log.{ext}" for ext in ("out", "err")]
                 alive_at = max(filter(None, (attempt.submitted, *map(_modified, [attempt.records_file(shard), *logs]))),
                                default=None)
-                state = resolve_state(job_id, sacct, squeue, sacct_ok, alive_at, now)
+                history = sacct.get(job_id, [])
+                state = resolve_state(job_id, {job_id: history[-1]} if history else {}, squeue, sacct_ok, alive_at, now)
                 if state == "FAILED" and timed_out_too_often(folder, job_id):
                     state = "TIMEOUT"
-                states[(attempt.number, shard["shard"])] = ElementState(state, job_id)
+                states[(attempt.number, shard["shard"])] = ElementState(state, job_id, requeue_note(history, state))
         return states
 
     def cancel(self, attempts: list[Attempt]) -> list[str]:

@@ -24,6 +24,7 @@ from ..benchmark import ERROR_PREFIX, Config, Task, load_tasks, required_files
 from ..pixels import DEFAULT_MAX_PIXELS
 from ..rundir import RecordWriter, ShardSpec, read_records, records_path
 from .engine import TABLE_SLOT, Engine, PromptTooLong, Request, fit_image
+from .job import safe_point
 from .prompts import PromptSet, build_prompt_text, extract_answer, load_prompt_set
 from .scoring import GPT_EVAL_PLACEHOLDER, JUDGED_SUBTYPES, score
 from .tables import TableCache, TableError, read_text
@@ -202,6 +203,7 @@ class ShardRunner:
             inputs = self.load_inputs(todo, tasks, writer)
             if inputs:
                 self.engine = Engine(self.spec.model, self.spec.dtype)
+                safe_point()  # a signal that came while the model loaded
                 self.gpu = self.engine.device_name
                 self.tables = TableCache(self.engine.tokenizer)
                 # --token-budget or what the card holds, never past the model's context less the new tokens.
@@ -220,6 +222,7 @@ class ShardRunner:
                 for batch in self.engine.stream_batches(inputs, self.prepare, lambda ti, err: self.not_prepared(
                         writer, ti, err), self.generation, self.spec.batch_tokens):
                     self.run_batch(batch, writer)
+                    safe_point()  # the batch's answers are written
         summary["written"] = len(todo)
         return summary
 
