@@ -479,7 +479,7 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
     task_list = task_list or (Path(plan["task_list"]) if plan.get("task_list") else None)
     if not dry_run and data_root and task_list and not as_json:
         print_scan(rescan_after_merge(reports, plan, data_root, task_list))
-    echo_problems([r.aggregates_kept for r in reports], problems)
+    echo_problems([r.aggregates_kept for r in reports] + [w for r in reports for w in r.summary_kept], problems)
 
 
 @main.command()
@@ -541,9 +541,12 @@ def report_command(results_root, create, charts, dry_run, as_json):
     Beside <variant>/<config>/results*.json: aggregate_metrics.csv (6 decimals) and aggregate_metrics.md
     (2 decimals), in the users' own shapes (rows by question type, then Overall; EM, F1, ROUGE-L,
     SacreBLEU, Pass, ECR, ProcessingTime). Files that exist are rewritten when they differ (atomically);
-    --create writes them where there are none. merge-shards refreshes the existing ones by itself.
-    --charts draws, with matplotlib, <config>/<config>_scores.png (the users' score per question type: mean
-    of EM and F1; Data Analysis with ROUGE-L; Visualization ECR and Pass) and <variant>/scores_heatmap.png.
+    --create writes them where there are none. Per variant, <variant>/modality_summary.csv: per configuration
+    the users' score per question type (mean of EM and F1; Data Analysis with ROUGE-L; Visualization ECR and
+    Pass) and Overall (every metric value behind them, pooled); a cell that agrees with the aggregates is
+    left as it is, one that does not is kept with a warning. merge-shards refreshes all of these by itself.
+    --charts draws, with matplotlib, <config>/<config>_scores.png (a bar per question type and Overall) and
+    <variant>/scores_heatmap.png.
 
     \b
     Examples:
@@ -553,12 +556,13 @@ def report_command(results_root, create, charts, dry_run, as_json):
     from .derived import regenerate
     from .views import report_lines
 
-    written, checked, problems = regenerate(results_root, create=create, charts=charts, dry_run=dry_run)
+    written, checked, warnings, problems = regenerate(results_root, create=create, charts=charts, dry_run=dry_run)
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "written": written, "problems": problems}, indent=2))
+        click.echo(json.dumps({"dry_run": dry_run, "written": written, "warnings": warnings, "problems": problems},
+                              indent=2))
     else:
         click.echo("\n".join(report_lines(written, checked, dry_run)))
-    echo_problems([], problems)
+    echo_problems(warnings, problems)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 from .atomic import atomic_write_bytes
 
 CSV_NAME, MARKDOWN_NAME = "aggregate_metrics.csv", "aggregate_metrics.md"
+SUMMARY_NAME = "modality_summary.csv"  # per variant: configurations x question types, then Overall
+SUMMARY_FORMATS = ["image", "latex", "html", "markdown", "json", "csv"]  # where a new configuration's row goes
 FIRST_COLUMNS = ["EM", "F1", "ROUGE-L", "SacreBLEU", "Pass", "ECR"]
 SHARES = ("Pass", "ECR")
 
@@ -71,11 +73,11 @@ DEFAULT_SCORE_METRICS = ("EM", "F1")
 
 def type_scores(items: list[dict]) -> dict[str, float]:
     """Per question type, the users' score of these items."""
-    from .results import ShareRule, _by_type, _means
+    from .results import ShareRule, items_by_type, metric_means
 
     scores = {}
-    for question_type, group in _by_type(items).items():
-        means = _means(group, ShareRule(100.0, False), with_time=False)
+    for question_type, group in items_by_type(items).items():
+        means = metric_means(group, ShareRule(100.0, False), with_time=False)
         wanted = TYPE_SCORE_METRICS.get(question_type, DEFAULT_SCORE_METRICS)
         if all(m in means for m in wanted):
             scores[str(question_type)] = sum(means[m] for m in wanted) / len(wanted)
@@ -125,11 +127,11 @@ def aggregate_type_scores(aggregates: dict, items: list[dict] | None = None) -> 
     """The users' score per question type from a file's stored aggregates, in the users' order (shares as
     percentages; a Pass the file counts over ECR-true items, as found from ``items``, made a share of all
     the type's items, as their summary counts it)."""
-    from .results import Level, _by_type, _is_rounded
+    from .results import Level, is_rounded, items_by_type
 
     frame = aggregate_frame(aggregates)
     stored = aggregates.get("by_question_type", aggregates)
-    rule = Level("types", stored, _by_type(items), _is_rounded(aggregates)).rule if items else None
+    rule = Level("types", stored, items_by_type(items), is_rounded(aggregates)).rule if items else None
     scores = {}
     for question_type in [t for t in QUESTION_TYPES if t in frame.index] + [t for t in frame.index if t not in
                                                                              QUESTION_TYPES + ["Overall"]]:
@@ -144,9 +146,68 @@ def aggregate_type_scores(aggregates: dict, items: list[dict] | None = None) -> 
     return scores
 
 
+def overall_score(scores: dict[str, float]) -> float:
+    """The users' Overall: the mean of every metric value behind the type scores, pooled (a Data Analysis
+    score stands for three values, the others for two), e.g. mix_latex's (2 FC + 2 NR + 2 SC + 3 DA + 2 Viz) / 11."""
+    weights = {t: len(TYPE_SCORE_METRICS.get(t, DEFAULT_SCORE_METRICS)) for t in scores}
+    return sum(scores[t] * weights[t] for t in scores) / sum(weights.values())
+
+
+def summary_order(leaf: str) -> tuple:
+    fmt = leaf.split("_", 1)[1] if "_" in leaf else leaf
+    return (SUMMARY_FORMATS.index(fmt) if fmt in SUMMARY_FORMATS else len(SUMMARY_FORMATS), leaf)
+
+
+def update_summary(variant_dir: Path, changes: dict[str, tuple[dict, dict]], tolerance: dict[str, float],
+                   create: bool = False, dry_run: bool = False) -> tuple[list[Path], dict[str, list[str]]]:
+    """Bring ``<variant>/modality_summary.csv`` up to date. ``changes``: configuration leaf -> (its type
+    scores before, after) from its aggregates (equal for ``report``, which changes nothing). A cell whose
+    scores the operation did not change keeps its stored text; where it disagrees with the aggregates by more
+    than the leaf's ``tolerance`` (1e-6, or 0.01 from rounded aggregates) it is kept with a warning: stale, or
+    made by a rule the items cannot show. Changed cells are rewritten and the row's Overall with them; rows
+    of new configurations are added. Returns (paths written, leaf -> warnings)."""
+    import pandas as pd
+
+    path = variant_dir / SUMMARY_NAME
+    if not path.exists() and not create:
+        return [], {}
+    frame = pd.read_csv(path, index_col=0) if path.exists() else pd.DataFrame(columns=[*QUESTION_TYPES, "Overall"])
+    frame.index = frame.index.astype(str)
+    warnings: dict[str, list[str]] = {}
+    changed = False
+    for leaf, (before, after) in changes.items():
+        for column in [t for t in after if t not in frame.columns]:
+            frame.insert(max(len(frame.columns) - 1, 0), column, float("nan"))
+        if leaf not in frame.index:
+            frame.loc[leaf] = pd.Series({**after, "Overall": overall_score(after)})
+            changed = True
+            continue
+        touched = [t for t, value in after.items() if before.get(t) != value]
+        for question_type in after:
+            stored = frame.loc[leaf, question_type]
+            if question_type in touched:
+                frame.loc[leaf, question_type] = after[question_type]
+            elif not abs(stored - after[question_type]) <= tolerance.get(leaf, 1e-6):
+                warnings.setdefault(leaf, []).append(
+                    f"{path}: {leaf} {question_type} is {stored} but its aggregate_metrics give "
+                    f"{after[question_type]}: kept (stale, or made by another rule)")
+        if touched:
+            types = {t: float(frame.loc[leaf, t]) for t in QUESTION_TYPES if t in frame.columns
+                     and frame.loc[leaf, t] == frame.loc[leaf, t]}
+            frame.loc[leaf, "Overall"] = overall_score(types)
+            changed = True
+    if not changed:
+        return [], warnings
+    if not path.exists():
+        frame = frame.loc[sorted(frame.index, key=summary_order)]
+    if not dry_run:
+        atomic_write_bytes(path, frame.to_csv().encode())
+    return [path], warnings
+
+
 def write_charts(variant_dir: Path, scores: dict[str, dict[str, float]]) -> list[Path]:
-    """Per configuration ``<leaf>/<leaf>_scores.png`` (a bar per question type) and per variant
-    ``scores_heatmap.png`` (configurations x question types), each number written on the chart.
+    """Per configuration ``<leaf>/<leaf>_scores.png`` (a bar per question type, then Overall) and per variant
+    ``scores_heatmap.png`` (configurations x question types and Overall), each number written on the chart.
     ``scores``: configuration leaf -> question type -> score."""
     import matplotlib
 
@@ -155,10 +216,12 @@ def write_charts(variant_dir: Path, scores: dict[str, dict[str, float]]) -> list
     import numpy as np
 
     written = []
+    scores = {leaf: {**by_type, "Overall": overall_score(by_type)} for leaf, by_type in scores.items() if by_type}
     for leaf, by_type in scores.items():
         figure, axis = plt.subplots(figsize=(9, 4.5))
         labels = [textwrap.fill(t, 14) for t in by_type]
-        bars = axis.bar(labels, list(by_type.values()), color="#4a78a8", edgecolor="black")
+        colours = ["#4a78a8"] * (len(by_type) - 1) + ["#d9822b"]  # Overall apart, as the users' chart has it
+        bars = axis.bar(labels, list(by_type.values()), color=colours, edgecolor="black")
         axis.bar_label(bars, labels=[f"{v:.2f}" for v in by_type.values()], fontweight="bold")
         axis.set_title(f"{leaf.upper()} - score by question type", fontweight="bold")
         axis.set_ylabel("Average Score")
@@ -168,8 +231,8 @@ def write_charts(variant_dir: Path, scores: dict[str, dict[str, float]]) -> list
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)
-    present = {t for by_type in scores.values() for t in by_type}
-    types = [t for t in QUESTION_TYPES if t in present] + sorted(present - set(QUESTION_TYPES))
+    present = {t for by_type in scores.values() for t in by_type} - {"Overall"}
+    types = [t for t in QUESTION_TYPES if t in present] + sorted(present - set(QUESTION_TYPES)) + ["Overall"]
     leaves = sorted(scores)
     grid = np.array([[scores[leaf].get(t, np.nan) for t in types] for leaf in leaves])
     figure, axis = plt.subplots(figsize=(1.8 * len(types) + 2, 0.6 * len(leaves) + 2))
@@ -190,16 +253,17 @@ def write_charts(variant_dir: Path, scores: dict[str, dict[str, float]]) -> list
 
 
 def regenerate(results_root: Path, create: bool = False, charts: bool = False,
-               dry_run: bool = False) -> tuple[dict[str, list[str]], int, list[str]]:
+               dry_run: bool = False) -> tuple[dict[str, list[str]], int, list[str], list[str]]:
     """The ``report`` step over a results tree: each configuration's tables refreshed from its stored
-    aggregate_metrics (``create``: also where there are none), and with ``charts`` the charts of each
-    variant. Returns ({configuration or "<variant> charts": paths written}, configurations checked,
-    problems: unreadable result files)."""
+    aggregate_metrics (``create``: also where there are none), each variant's modality_summary.csv (see
+    ``update_summary``), and with ``charts`` the charts of each variant. Returns ({configuration, "<variant>
+    summary" or "<variant> charts": paths written}, configurations checked, warnings, problems: unreadable
+    result files)."""
     from .results import ResultFileError, load_result_file
     from .scan import discover_configs
 
     files, problems = discover_configs(results_root)
-    written, scores = {}, {}
+    written, scores, tolerance, warnings = {}, {}, {}, []
     for config, path in sorted(files.items(), key=lambda kv: kv[0].name):
         try:
             result = load_result_file(path)
@@ -210,8 +274,20 @@ def regenerate(results_root: Path, create: bool = False, charts: bool = False,
         if isinstance(aggregates, dict) and aggregates:
             written[config.name] = [str(p) for p in refresh(path, aggregates, create=create, dry_run=dry_run)]
             scores.setdefault(path.parent.parent, {})[path.parent.name] = aggregate_type_scores(aggregates, result.items)
-    if charts:
-        for variant_dir, by_leaf in scores.items():
-            paths = [] if dry_run else write_charts(variant_dir, by_leaf)
-            written[f"{variant_dir.name} charts"] = [str(p) for p in paths]
-    return written, sum(map(len, scores.values())), problems
+            tolerance[path.parent.name] = summary_tolerance(aggregates)
+    for variant_dir, by_leaf in scores.items():
+        paths, notes = update_summary(variant_dir, {leaf: (s, s) for leaf, s in by_leaf.items()}, tolerance,
+                                      create=create, dry_run=dry_run)
+        written[f"{variant_dir.name} summary"] = [str(p) for p in paths]
+        warnings += [note for leaf_notes in notes.values() for note in leaf_notes]
+        if charts:
+            written[f"{variant_dir.name} charts"] = [str(p) for p in ([] if dry_run else write_charts(variant_dir, by_leaf))]
+    return written, sum(map(len, scores.values())), warnings, problems
+
+
+def summary_tolerance(aggregates: dict) -> float:
+    """How far a stored summary cell may be from what the aggregates give: the users computed it from
+    unrounded aggregates, so 0.01 when the file's are rounded to two decimals, else 1e-6."""
+    from .results import is_rounded
+
+    return 0.01 if is_rounded(aggregates) else 1e-6

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_bytes, dump_json, fault_point, sha256_file
 from .derived import refresh as refresh_derived
-from .derived import type_scores, write_merge_report
+from .derived import aggregate_type_scores, summary_tolerance, type_scores, update_summary, write_merge_report
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
 from .inference.scoring import in_convention, not_run_pass
 from .rundir import RunDir, read_records
@@ -52,6 +52,9 @@ class ConfigMerge:
     derived: list[str] = field(default_factory=list)  # aggregate_metrics.csv/.md beside the file, refreshed
     scores: dict[str, list] = field(default_factory=dict)  # question type -> [score before, after] (changed files)
     changed_by_type: dict[str, list[int]] = field(default_factory=dict)  # question type -> ids replaced or added
+    summary_scores: tuple[dict, dict] | None = None  # its modality_summary scores before, after (aggregates)
+    summary_tolerance: float = 1e-6
+    summary_kept: list[str] = field(default_factory=list)  # modality_summary.csv cells left as they were
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -219,9 +222,28 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
                 about_to_write(hashlib.sha256(payload).hexdigest())
             fault_point(f"{target}: backup written")
             atomic_write_bytes(target, payload)
-    if isinstance(rebuilt.get("aggregate_metrics"), dict):  # after the file itself: a rerun finishes the job
-        report.derived = [str(p) for p in refresh_derived(path, rebuilt["aggregate_metrics"], dry_run=dry_run)]
+    aggregates = rebuilt.get("aggregate_metrics")
+    if isinstance(aggregates, dict):  # after the file itself: a rerun finishes the job
+        report.derived = [str(p) for p in refresh_derived(path, aggregates, dry_run=dry_run)]
+        old = result.data.get("aggregate_metrics") if isinstance(result.data, dict) else None
+        report.summary_scores = (aggregate_type_scores(old, result.items) if isinstance(old, dict) else {},
+                                 aggregate_type_scores(aggregates, items))
+        report.summary_tolerance = summary_tolerance(aggregates)
     return report
+
+
+def refresh_summaries(reports: list[ConfigMerge], dry_run: bool) -> None:
+    """Each variant's modality_summary.csv, where it exists, for the configurations the merge changed."""
+    by_variant: dict[Path, list[ConfigMerge]] = {}
+    for report in reports:
+        if report.changed and report.summary_scores and report.path is not None:
+            by_variant.setdefault(report.path.parent.parent, []).append(report)
+    for variant_dir, changed in by_variant.items():
+        paths, warnings = update_summary(variant_dir, {r.path.parent.name: r.summary_scores for r in changed},
+                                         {r.path.parent.name: r.summary_tolerance for r in changed}, dry_run=dry_run)
+        for report in changed:
+            report.derived += [str(p) for p in paths]
+            report.summary_kept += warnings.get(report.path.parent.name, [])
 
 
 def merge(
@@ -305,6 +327,7 @@ def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tup
                     planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
                     with_provenance=with_provenance, recompute_aggregates=recompute_aggregates)
     problems += [r.problem for r in reports if r.problem]
+    refresh_summaries(reports, dry_run)
     if run_dir is not None and not dry_run and any(r.changed for r in reports):
         write_merge_report(run.merge_report_stem, merge_rows(reports))
     plan["results_root"] = str(results_root)

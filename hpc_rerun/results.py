@@ -117,13 +117,13 @@ class ShareRule:
 SHARE_RULES = [ShareRule(scale, over_ran) for scale in (100.0, 1.0) for over_ran in (False, True)]
 
 
-def _is_rounded(aggregates: dict) -> bool:
+def is_rounded(aggregates: dict) -> bool:
     values = [v for group in aggregates.values() if isinstance(group, dict) for v in group.values()
               if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return bool(values) and all(round(v, 2) == v for v in values)
 
 
-def _means(items: list[dict], rule: ShareRule, with_time: bool) -> dict:
+def metric_means(items: list[dict], rule: ShareRule, with_time: bool) -> dict:
     """Mean of each numeric metric over the items that have it; ECR as the share of true values over the
     group's items, Pass over them or over those with ECR true (``rule``)."""
     sums: dict[str, float] = {}
@@ -165,7 +165,7 @@ def _disagreements(stored: dict, computed: dict, rounded: bool) -> list[str]:
     return out
 
 
-def _by_type(items: list[dict]) -> dict[object, list[dict]]:
+def items_by_type(items: list[dict]) -> dict[object, list[dict]]:
     groups: dict[object, list[dict]] = {}
     for item in sorted(items, key=lambda i: i.get("id", 0)):
         groups.setdefault(item.get("QuestionType"), []).append(item)
@@ -182,7 +182,7 @@ class Level:
         self.rule, self.problems = None, []
         for rule in SHARE_RULES:
             problems = [f"{name}/{group}: {d}" for group, values in stored.items() if isinstance(values, dict)
-                        for d in _disagreements(values, _means(groups.get(group, []), rule, self.with_time), rounded)]
+                        for d in _disagreements(values, metric_means(groups.get(group, []), rule, self.with_time), rounded)]
             if not problems:
                 self.rule, self.problems = rule, []
                 break
@@ -193,7 +193,7 @@ class Level:
         """A group's values: as stored when its items did not change, else recomputed by ``rule``."""
         if unchanged and key in self.stored:
             return self.stored[key]
-        return _ordered(_means(items, rule, self.with_time), self.stored.get(key, {}), self.rounded)
+        return _ordered(metric_means(items, rule, self.with_time), self.stored.get(key, {}), self.rounded)
 
 
 def recompute_aggregates(aggregates: dict, old_items: list[dict], items: list[dict], force: bool = False
@@ -205,8 +205,8 @@ def recompute_aggregates(aggregates: dict, old_items: list[dict], items: list[di
     When no rule gives the stored values back, the aggregates are returned as they were with a message
     naming what disagrees, unless ``force`` (then the first rule that fits the file's shares is used)."""
     nested = "by_question_type" in aggregates
-    rounded = _is_rounded(aggregates)
-    old_groups, new_groups = _by_type(old_items), _by_type(items)
+    rounded = is_rounded(aggregates)
+    old_groups, new_groups = items_by_type(old_items), items_by_type(items)
     by_type_stored = aggregates.get("by_question_type", {}) if nested else aggregates
     levels = [Level("by_question_type" if nested else "groups", by_type_stored, old_groups, rounded)]
     old_all, new_all = sorted(old_items, key=lambda i: i.get("id", 0)), sorted(items, key=lambda i: i.get("id", 0))

@@ -38,12 +38,13 @@ def test_report_rewrites_nothing_that_is_current_and_creates_on_request(tmp_path
     shutil.copytree(MINI / "results" / "complied", tree)
     before = {p: p.read_bytes() for p in tree.rglob("aggregate_metrics.*")}
     result = run_cli("report", tree, "--json")
-    assert result.exit_code == 0 and all(v == [] for v in json.loads(result.output)["written"].values())
+    assert result.exit_code == 0 and all(v == [] for v in json.loads(result.stdout)["written"].values())
     assert {p: p.read_bytes() for p in tree.rglob("aggregate_metrics.*")} == before
     (tree / "qwen3vl_text" / "text_html" / CSV_NAME).unlink()
     assert "0 file(s) written" in run_cli("report", tree).output, "a missing table is not made without --create"
     result = run_cli("report", tree, "--create")
-    assert result.exit_code == 0 and "1 file(s) written" in result.output
+    assert result.exit_code == 0 and "2 file(s) written" in result.output, "the table, and resize_pic's summary"
+    assert (tree / "qwen3vl_resize_pic" / "modality_summary.csv").exists()
     assert (tree / "qwen3vl_text" / "text_html" / CSV_NAME).read_bytes() == before[tree / "qwen3vl_text" /
                                                                                     "text_html" / CSV_NAME]
 
