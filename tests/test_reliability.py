@@ -528,3 +528,60 @@ def test_status_reads_its_own_jobs_after_the_cluster_forgot_them_and_reused_thei
     status = json.loads(cli("status", run_dir, "--json").stdout)
     assert [s["state"] for s in status["shards"]] == ["COMPLETED"] * 2, status["shards"]
     assert status["summary"]["finished"] and not status["summary"]["needs_rerun"]
+
+
+@pytest.fixture
+def two_nodes(slurm_cluster):
+    """The dev cluster restarted with a second node (HPC_RERUN_SLURM_NODES=2: its own slurmd in its own
+    network and UTS namespace), and back to one node afterwards. Returns the two node names."""
+    def restart(nodes: int) -> None:
+        env = {**os.environ, "HPC_RERUN_SLURM_NODES": str(nodes)}
+        subprocess.run([str(DEV_CLUSTER), "stop"], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([str(DEV_CLUSTER), "start"], env=env, check=True, capture_output=True, timeout=300)
+
+    restart(2)
+    try:
+        names = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        yield sorted(set(names), key=len)
+    finally:
+        restart(1)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_a_node_that_fails_under_a_run_leaves_it_to_finish_on_the_other(two_nodes, demo_paths):
+    """Two elements, each asking for a whole node's four GPUs, run one per node (their records name their
+    hosts). The second node goes DOWN under its element: Slurm kills it (NODE_FAIL), and the rest of its
+    shard is answered on the first node, by Slurm's requeue or by resubmit; every task once."""
+    first, second = two_nodes
+    talkative_model(demo_paths)
+    run_dir = plan_demo(demo_paths, 2, "--gres", "gpu:a100:4")
+    specs = slow_specs(run_dir)
+    cli("submit", run_dir, check=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not all(read_records(p.with_suffix(".jsonl")) for p in specs):
+        time.sleep(0.5)
+    hosts = {p: {r["provenance"]["host"] for r in read_records(p.with_suffix(".jsonl"))} for p in specs}
+    assert sorted(h for hs in hosts.values() for h in hs) == sorted([first, second]), hosts
+    [on_second] = [p for p, hs in hosts.items() if hs == {second}]
+    answered_there = len(read_records(on_second.with_suffix(".jsonl")))
+    subprocess.run(["scontrol", "update", f"nodename={second}", "state=down", "reason=hpc-rerun-test"], check=True)
+    env = {"HPC_RERUN_LOST_GRACE_S": "10"}
+    seen, deadline = set(), time.time() + 420
+    while time.time() < deadline:
+        status = json.loads(cli("status", run_dir, "--json", env=env).stdout)
+        seen |= {(s["state"], s["note"]) for s in status["shards"]}
+        if status["summary"]["finished"]:
+            break
+        time.sleep(1)
+    if status["summary"]["needs_rerun"]:
+        cli("resubmit", run_dir, env=env, check=True)
+        status = wait_finished(run_dir, 300, env=env)
+    assert any(state == "NODE_FAIL" or "node failure" in (note or "") for state, note in seen), seen
+    assert status["summary"]["done"] == status["summary"]["total"]
+    assert_each_task_answered_once(run_dir)
+    its_tasks = {(t["config"], t["id"]) for t in json.loads(on_second.read_text())["tasks"]}
+    later = [r for path in run_dir.glob("attempt-*/shard-*.jsonl") for r in read_records(path)
+             if (r["provenance"]["config"], r["id"]) in its_tasks and r["provenance"]["host"] == first]
+    assert answered_there < len(its_tasks) and later, "the rest of its shard ran on the first node"

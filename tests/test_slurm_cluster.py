@@ -133,7 +133,8 @@ def test_stop_leaves_no_daemon_and_start_brings_it_back(slurm_cluster, tmp_path)
     run_dir = os.path.join(os.path.dirname(os.path.dirname(slurm_cluster)), "run")
     pids = {name[:-4]: int(open(os.path.join(run_dir, name)).read()) for name in os.listdir(run_dir)
             if name.endswith(".pid")}
-    assert set(pids) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    assert set(pids) == {"munged", "mariadbd", "slurmdbd", "slurmctld", f"slurmd-{node}"}
     try:
         stop = subprocess.run([str(DEV_CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stderr
