@@ -113,26 +113,33 @@ def table_image(path: Path, width: int, height: int) -> None:
     image.save(path)
 
 
-def write_benchmark(root: Path, rng: random.Random) -> tuple[Path, Path, Path]:
+def write_benchmark(root: Path, rng: random.Random, copies: int = 1) -> tuple[Path, Path, Path]:
+    """The gap tree: each shape's tables, tasks and result files; ``copies`` > 1 repeats every shape with its
+    own tables (``<table>-2`` ...), for runs split over several GPUs."""
     data = root / "data"
     for folder in ("html", "markdown", "csv", "latex", "image"):
         (data / folder).mkdir(parents=True, exist_ok=True)
-    (data / "html" / "economy-table14.html").write_text(html_table(90_000, rng))
-    (data / "html" / "society-table11.html").write_text(html_table(321, rng))
-    (data / "markdown" / "labor-table03.md").write_text(markdown_table(32, 83_000, rng))
-    (data / "csv" / "energy-table07.csv").write_text(csv_table(32, 44_000, rng))
-    (data / "latex" / "science-table02.txt").write_text(
-        "\\begin{tabular}{lrr}\n" + "\n".join(f"row {n} & {n * 3} & {n * 7} \\\\" for n in range(40)) + "\n\\end{tabular}")
-    table_image(data / "image" / "health-table05.png", 2600, 1920)  # 5.0 MP
-    table_image(data / "image" / "society-table11.png", 1600, 1200)
+    for copy in range(1, copies + 1):
+        suffix = f"-{copy}" if copy > 1 else ""
+        (data / "html" / f"economy-table14{suffix}.html").write_text(html_table(90_000, rng))
+        (data / "html" / f"society-table11{suffix}.html").write_text(html_table(321, rng))
+        (data / "markdown" / f"labor-table03{suffix}.md").write_text(markdown_table(32, 83_000, rng))
+        (data / "csv" / f"energy-table07{suffix}.csv").write_text(csv_table(32, 44_000, rng))
+        (data / "latex" / f"science-table02{suffix}.txt").write_text(
+            "\\begin{tabular}{lrr}\n" + "\n".join(f"row {n} & {n * 3} & {n * 7} \\\\" for n in range(40))
+            + "\n\\end{tabular}")
+        table_image(data / "image" / f"health-table05{suffix}.png", 2600, 1920)  # 5.0 MP
+        table_image(data / "image" / f"society-table11{suffix}.png", 1600, 1200)
     queries, gaps = [], {}
-    for config, table, question_type, count in GAPS:
-        for number in range(count + 1):  # one answered task per shape, the rest are the gaps
-            queries.append({"id": len(queries) + 1, "FileName": table, "QuestionType": question_type, "SubQType": None,
-                            "Question": f"What is the value in row {rng.randint(1, 99)} of column {rng.randint(1, 9)}?",
-                            "FinalAnswer": "1", "ProcessedAnswer": "1"})
-            if number:
-                gaps.setdefault(config, set()).add(queries[-1]["id"])
+    for copy in range(1, copies + 1):
+        suffix = f"-{copy}" if copy > 1 else ""
+        for config, table, question_type, count in GAPS:
+            for number in range(count + 1):  # one answered task per shape, the rest are the gaps
+                queries.append({"id": len(queries) + 1, "FileName": table + suffix, "QuestionType": question_type,
+                                "SubQType": None, "FinalAnswer": "1", "ProcessedAnswer": "1",
+                                "Question": f"What is the value in row {rng.randint(1, 99)} of column {rng.randint(1, 9)}?"})
+                if number:
+                    gaps.setdefault(config, set()).add(queries[-1]["id"])
     task_list = root / "QA_final_sc_filled.json"
     task_list.write_text(json.dumps({"queries": queries}))
     tasks = load_tasks(task_list)

@@ -140,6 +140,32 @@ def test_local_executor_runs_the_same_shards(gappy_benchmark, tiny_model_dir, no
     assert all(r["provenance"]["slurm_job_id"] is None for r in all_records(run_dir))
 
 
+@pytest.mark.timeout(300)
+def test_local_workers_each_get_their_own_gpu_and_their_own_cpus(gappy_benchmark, tiny_model_dir):
+    """Two GPUs as CUDA_VISIBLE_DEVICES lists them (on this CPU-only machine a worker given one id finds no
+    usable GPU and runs on the CPU, the pinning is the same): one worker per GPU, each of its records naming
+    that one id and the CPUs it was held to, the two shares disjoint, so the prompt-preparing threads of
+    workers on one host do not compete for the same cores."""
+    run_dir = plan_run(gappy_benchmark, tiny_model_dir, 2)
+    cli("submit", run_dir, "--executor", "local", env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    final = wait_until(lambda: (s := status_json(run_dir))["summary"]["finished"] and s, 240, "the local pool")
+    assert {s["state"] for s in final["shards"]} == {"COMPLETED"}
+    seen: dict[int, set] = {}
+    for record in all_records(run_dir):
+        provenance = record["provenance"]
+        seen.setdefault(provenance["shard"], set()).add((provenance["cuda_visible_devices"], provenance["cpus"]))
+    assert len(seen) == 2 and all(len(pairs) == 1 for pairs in seen.values()), seen
+    (gpu_a, cpus_a), (gpu_b, cpus_b) = (next(iter(pairs)) for pairs in seen.values())
+    assert sorted([gpu_a, gpu_b]) == ["0", "1"], "each worker sees its own GPU and only it"
+
+    def cpu_set(ranges: str) -> set[int]:
+        return {n for part in ranges.split(",") for n in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
+
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not cpu_set(cpus_a) & cpu_set(cpus_b), (cpus_a, cpus_b)
+        assert cpu_set(cpus_a) | cpu_set(cpus_b) == os.sched_getaffinity(0), "together they have all the CPUs"
+
+
 def test_plan_dry_run_shows_shards_and_sbatch_options_and_writes_nothing(gappy_benchmark, tiny_model_dir):
     out = cli("plan", gappy_benchmark["results"], "--data-root", gappy_benchmark["data"], "--tasks",
               gappy_benchmark["tasks"], "--model", tiny_model_dir, "--shards", 3, "--logs", gappy_benchmark["logs"],

@@ -1,7 +1,8 @@
 """The local backend: the same shards as a Slurm array, as processes on this machine.
 
 One worker process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; without a GPU, up to
-``--parallel`` CPU workers (default 1). The pool runs detached and writes each shard's state to
+``--parallel`` CPU workers (default 1). Each worker also gets its own share of the pool's CPUs (its
+affinity), so the prompt-preparing threads of four workers on one host do not fight over the same cores. The pool runs detached and writes each shard's state to
 ``attempt-N/local-state.json`` (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED), which ``states`` reads
 the way the Slurm backend reads sacct; its pid in plan.json is the run's "job id".
 
@@ -35,6 +36,20 @@ def visible_gpus() -> list[str]:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
         return [str(n) for n, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
     return []
+
+
+def cpu_shares(cpus: list[int], workers: int) -> list[list[int]]:
+    """The pool's CPUs cut into ``workers`` contiguous, disjoint shares (all of them to each when there are
+    fewer CPUs than workers)."""
+    if len(cpus) < workers:
+        return [cpus] * workers
+    size, extra = divmod(len(cpus), workers)
+    shares, start = [], 0
+    for n in range(workers):
+        end = start + size + (n < extra)
+        shares.append(cpus[start:end])
+        start = end
+    return shares
 
 
 def process_alive(pid: int) -> bool:
@@ -112,8 +127,9 @@ def run_pool(run: RunDir, number: int, parallel: int) -> int:
     state = {str(s["shard"]): {"state": "PENDING"} for s in attempt.shards}
     gpus = visible_gpus()
     slots: list[str | None] = gpus if gpus else [None] * max(1, parallel)
-    free = list(slots)
-    running: dict[str, tuple[subprocess.Popen, str | None]] = {}
+    cpus = dict(zip(range(len(slots)), cpu_shares(sorted(os.sched_getaffinity(0)), len(slots))))
+    free = list(range(len(slots)))  # slot numbers: a GPU id and a CPU share each
+    running: dict[str, tuple[subprocess.Popen, int]] = {}
     pending = list(attempt.shards)
     stopping = False
 
@@ -127,12 +143,15 @@ def run_pool(run: RunDir, number: int, parallel: int) -> int:
     while (pending or running) and not stopping:
         while pending and free:
             shard, slot = pending.pop(0), free.pop(0)
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot if slot is not None else "")
+            gpu, share = slots[slot], cpus[slot]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu if gpu is not None else "")
             command = [sys.executable, "-m", "hpc_rerun.cli", "worker", str(attempt.spec_file(shard))]
             with open(attempt.worker_log(shard), "ab") as out:
-                proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda share=share: os.sched_setaffinity(0, share))
             running[str(shard["shard"])] = (proc, slot)
-            state[str(shard["shard"])] = {"state": "RUNNING", "pid": proc.pid, "gpu": slot, "start": now_iso()}
+            state[str(shard["shard"])] = {"state": "RUNNING", "pid": proc.pid, "gpu": gpu, "cpus": len(share),
+                                          "start": now_iso()}
             atomic_write_json(attempt.local_state_file, state)
         time.sleep(0.5)
         for key, (proc, slot) in list(running.items()):

@@ -141,7 +141,7 @@ class Engine:
         self.tokenizer = self.processor.tokenizer
         # Prompts are processed in parallel (tokenizer and image processor release the GIL for most of it):
         # the first batch's processing is time the GPU waits.
-        self.encoding_threads = min(8, os.cpu_count() or 1)
+        self.encoding_threads = min(8, len(os.sched_getaffinity(0)))  # its CPUs (Slurm's, or its pool share)
         self._encoders = ThreadPoolExecutor(max_workers=self.encoding_threads, thread_name_prefix="encode")
         self.packed = PackedGenerator(self.model, prefill_tokens or (PREFILL_TOKENS if self.device.type == "cuda"
                                                                      else CPU_PREFILL_TOKENS))

@@ -161,6 +161,8 @@ class ShardRunner:
             "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
             "host": socket.gethostname(),
             "gpu": self.gpu,
+            "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),  # the GPU the scheduler or pool gave it
+            "cpus": cpu_ranges(os.sched_getaffinity(0)),  # the CPUs it may use, e.g. "0-3"
             "start": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
             "end": dt.datetime.now().isoformat(timespec="seconds"),
             "prompt_tokens": request.extras.get("full_tokens") if request else None,
@@ -333,6 +335,17 @@ class ShardRunner:
             return
         writer.append(self.record(ti.task, ti.config, answer, metrics, seconds, started, None, ti))
 
+
+
+def cpu_ranges(cpus) -> str:
+    """``{0, 1, 2, 3, 8}`` -> ``"0-3,8"``."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
 
 
 def run_shard(spec_path: str | Path) -> dict:
