@@ -127,9 +127,15 @@ class Engine:
         from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # Plan batches and prompt budgets as if the card had this much memory (a shared or MIG'd GPU).
+        # Plan batches and prompt budgets as if the card had this much memory (a shared or MIG'd GPU), and hold
+        # PyTorch's allocator to it, less what the CUDA context already takes: its cache then stays inside too.
         limit = os.environ.get(GPU_MEMORY_ENV)
         self.total_gib = float(limit) if limit else None
+        if self.total_gib and self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            free, total = torch.cuda.mem_get_info(index)
+            allowed = self.total_gib * 1024**3 - (total - free)
+            torch.cuda.set_per_process_memory_fraction(max(min(allowed / total, 1.0), 0.0), index)
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
