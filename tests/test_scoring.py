@@ -53,6 +53,33 @@ def test_an_articles_only_answer_scores_zero_as_the_stored_metrics_have_it():
         "import pandas as pd\nplt.show()")
 
 
+def chart_task(sub_type: str, reference: str):
+    from hpc_rerun.benchmark import Task
+
+    return Task(id=1, file_name="none-table01", question_type="Visualization", sub_type=sub_type,
+                question="Draw it.", reference=reference)
+
+
+def plot_answer(body: str) -> str:
+    return f"[Final Answer]: import pandas as pd\nimport matplotlib.pyplot as plt\n{body}\nplt.show()"
+
+
+@pytest.mark.parametrize("sub_type, reference, body, metrics", [
+    # Shares that round to the reference but not to the reference normalised by its sum (1.01): the stored
+    # results fail it, as the benchmark normalises a pie's reference first.
+    ("PieChart Generation", "[0.14, 0.57, 0.3]", "plt.pie([0.136, 0.566, 0.298])", {"ECR": True, "Pass": False}),
+    ("PieChart Generation", "[0.14, 0.57, 0.3]", "plt.pie([14, 56, 30])", {"ECR": True, "Pass": True}),
+    # A pie whose sizes sum to zero: the users' matplotlib drew it without an error (stored ECR true).
+    ("PieChart Generation", "[0.5, 0.5]", "plt.pie([0, 0])", {"ECR": True, "Pass": False}),
+    # A bar chart is read by its bars: a mean line drawn over it is not a value of the chart.
+    ("BarChart Generation", "[3, 1]", "plt.bar(['a', 'b'], [3, 1])\nplt.axhline(2)", {"ECR": True, "Pass": True}),
+    ("LineChart Generation", "[[1, 2, 3]]", "plt.plot([3, 2, 1])", {"ECR": True, "Pass": True}),  # sorted, as theirs
+    ("ScatterChart Generation", "[[5, 7]]", "plt.scatter([1, 2], [5, 7.004])", {"ECR": True, "Pass": True}),
+])
+def test_charts_are_compared_by_the_benchmarks_rule(sub_type, reference, body, metrics):
+    assert score(chart_task(sub_type, reference), plot_answer(body), MINI / "data") == metrics
+
+
 PLOT_OK = "import pandas as pd\nimport matplotlib.pyplot as plt\nplt.bar(['a', 'b'], [3, 1])\nplt.show()"
 
 

@@ -34,8 +34,9 @@ NOBODY_UID = NOBODY_GID = 65534
 @dataclass
 class PlotRun:
     ok: bool  # ran to the end without an exception, inside the limits
-    y_values: list[float] | None  # what the figure shows (None if it did not run)
+    y_values: list[float] | None  # what the figures show, every axes (None if it did not run)
     error: str | None = None
+    by_chart: dict[str, list[float]] | None = None  # the current axes read per chart type (LineChart, ...)
 
 
 @functools.lru_cache(maxsize=2)
@@ -127,7 +128,8 @@ def run_plot_code(code: str, xlsx: Path | None, file_name: str, time_limit_s: fl
         if proc.returncode != 0 or not result:
             tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
             return PlotRun(False, None, result.get("error") or tail[0])
-        return PlotRun(bool(result["ok"]), result.get("y") if result["ok"] else None, result.get("error"))
+        ok = bool(result["ok"])
+        return PlotRun(ok, result.get("y") if ok else None, result.get("error"), result.get("by_chart") if ok else None)
 
 
 def _kill_group(pgid: int) -> None:
