@@ -280,7 +280,9 @@ class SlurmBackend:
             part = shards[start:start + chunk]
             submitted = executor.map_array(ShardJob(), [str(attempt.spec_file(s)) for s in part])
             jobs.update({s["shard"]: job.job_id for s, job in zip(part, submitted)})
-        attempt.record_submission(self.name, jobs, slurm, job_name=job_name(run_id))
+        extra = slurm.get("extra_sbatch") or {}
+        name = extra.get("job-name") or extra.get("job_name") or job_name(run_id)  # what sacct will show
+        attempt.record_submission(self.name, jobs, slurm, job_name=name)
         arrays = sorted({j.split("_")[0] for j in jobs.values()})
         return f"{len(jobs)} shards submitted as job array {', '.join(arrays)}"
 
