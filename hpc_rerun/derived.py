@@ -274,10 +274,10 @@ def regenerate(results_root: Path, create: bool = False, charts: bool = False,
         if isinstance(aggregates, dict) and aggregates:
             written[config.name] = [str(p) for p in refresh(path, aggregates, create=create, dry_run=dry_run)]
             scores.setdefault(path.parent.parent, {})[path.parent.name] = aggregate_type_scores(aggregates, result.items)
-            tolerance[path.parent.name] = summary_tolerance(aggregates)
+            tolerance.setdefault(path.parent.parent, {})[path.parent.name] = summary_tolerance(aggregates)
     for variant_dir, by_leaf in scores.items():
-        paths, notes = update_summary(variant_dir, {leaf: (s, s) for leaf, s in by_leaf.items()}, tolerance,
-                                      create=create, dry_run=dry_run)
+        paths, notes = update_summary(variant_dir, {leaf: (s, s) for leaf, s in by_leaf.items()},
+                                      tolerance[variant_dir], create=create, dry_run=dry_run)
         written[f"{variant_dir.name} summary"] = [str(p) for p in paths]
         warnings += [note for leaf_notes in notes.values() for note in leaf_notes]
         if charts:

@@ -225,7 +225,8 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
     aggregates = rebuilt.get("aggregate_metrics")
     if isinstance(aggregates, dict):  # after the file itself: a rerun finishes the job
         report.derived = [str(p) for p in refresh_derived(path, aggregates, dry_run=dry_run)]
-        old = result.data.get("aggregate_metrics") if isinstance(result.data, dict) else None
+    old = result.data.get("aggregate_metrics") if isinstance(result.data, dict) else None
+    if report.changed and isinstance(aggregates, dict):  # the variant's summary follows (refresh_summaries)
         report.summary_scores = (aggregate_type_scores(old, result.items) if isinstance(old, dict) else {},
                                  aggregate_type_scores(aggregates, items))
         report.summary_tolerance = summary_tolerance(aggregates)
@@ -236,7 +237,7 @@ def refresh_summaries(reports: list[ConfigMerge], dry_run: bool) -> None:
     """Each variant's modality_summary.csv, where it exists, for the configurations the merge changed."""
     by_variant: dict[Path, list[ConfigMerge]] = {}
     for report in reports:
-        if report.changed and report.summary_scores and report.path is not None:
+        if report.summary_scores and report.path is not None:  # set only for files the merge changed
             by_variant.setdefault(report.path.parent.parent, []).append(report)
     for variant_dir, changed in by_variant.items():
         paths, warnings = update_summary(variant_dir, {r.path.parent.name: r.summary_scores for r in changed},
