@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .atomic import atomic_write_bytes, dump_json
 from .benchmark import ERROR_PREFIX, Task
 from .derived import refresh as refresh_derived
 from .merge import backup, rebuild, results_lock
 from .results import ResultFileError, load_result_file
-from .inference.scoring import in_convention, not_run_pass, score
+from .scan import discover_configs
+from .scoring.metrics import Scored, in_convention, not_run_pass, score_answer
 
 EXAMPLES = 3
 
@@ -35,6 +36,7 @@ class ConfigRescore:
     changed_items: int = 0  # of which the stored Metrics differ
     changed: dict[str, int] = field(default_factory=dict)  # metric -> items whose stored value differs
     examples: list[dict] = field(default_factory=list)
+    sandbox_layers: dict[str, int] = field(default_factory=dict)  # layer -> Visualization items scored under it
     written: bool = False
     aggregates_kept: str | None = None
     problem: str | None = None
@@ -61,15 +63,20 @@ def rescore_file(config: str, path: Path, data_root: Path, *, write: bool, jobs:
                 and not str(item.get("Prediction", "")).startswith(ERROR_PREFIX)]
     report.items = len(answered)
 
-    def rescored(item: dict) -> dict:
+    def rescored(item: dict) -> Scored:
         try:
-            return score(item_task(item), str(item.get("Prediction", "")), data_root)
+            return score_answer(item_task(item), str(item.get("Prediction", "")), data_root)
         finally:
             progress(1)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         not_run = not_run_pass(result.items)
-        metrics = [in_convention(m, not_run) for m in pool.map(rescored, answered)]
+        scored = list(pool.map(rescored, answered))
+    metrics = [in_convention(s.metrics, not_run) for s in scored]
+    notes = {id(item): s.note for item, s in zip(answered, scored) if s.note}
+    for s in scored:
+        if s.sandbox_layer:
+            report.sandbox_layers[s.sandbox_layer] = report.sandbox_layers.get(s.sandbox_layer, 0) + 1
     new_metrics = {id(item): m for item, m in zip(answered, metrics) if m != item.get("Metrics")}
     for item in answered:
         if id(item) not in new_metrics:
@@ -79,7 +86,8 @@ def rescore_file(config: str, path: Path, data_root: Path, *, write: bool, jobs:
             if old.get(name) != new.get(name):
                 report.changed[name] = report.changed.get(name, 0) + 1
         if len(report.examples) < EXAMPLES:
-            report.examples.append({"id": item["id"], "stored": old, "rescored": new})
+            report.examples.append({"id": item["id"], "stored": old, "rescored": new}
+                                   | ({"note": notes[id(item)]} if id(item) in notes else {}))
     report.changed_items = len(new_metrics)
     if not write or not new_metrics:
         return report
@@ -97,8 +105,6 @@ def rescore(results_root: Path, data_root: Path, *, write: bool = False, recompu
             only: list[str] | None = None, jobs: int | None = None,
             progress: Callable[[int], None] = lambda n: None) -> list[ConfigRescore]:
     """Rescore every configuration's file under ``results_root`` (or those in ``only``)."""
-    from .scan import discover_configs
-
     files, problems = discover_configs(results_root)
     jobs = jobs or min(8, os.cpu_count() or 1)
     chosen = sorted((c.name, p) for c, p in files.items() if not only or c.name in only)

@@ -7,6 +7,15 @@ if ! python3 -m venv --help >/dev/null 2>&1; then
   [ "$(id -u)" -eq 0 ] || { echo "install: python3 venv support is missing; run: sudo apt-get install -y python3-venv" >&2; exit 1; }
   apt-get update -q && apt-get install -y -q python3-venv python3-pip
 fi
+# bubblewrap: the kernel-isolated sandbox for the model's plotting code (hpc_rerun/scoring/sandbox.py);
+# without it scoring falls back to a weaker layer and says so.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q && apt-get install -y -q bubblewrap
+  else
+    echo "install: bubblewrap is missing (the sandbox falls back to a weaker layer); run: sudo apt-get install -y bubblewrap" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 extras=""
 [ "${1:-}" = test ] && extras="[test]"

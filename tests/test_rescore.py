@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from hpc_rerun.cli import EXIT_GAPS, main
 
+from .conftest import MINI_DATA
+
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 
 
@@ -23,7 +25,7 @@ def test_an_untouched_tree_rescores_to_zero_changes_and_nothing_is_written(tmp_p
     shutil.copytree(MINI / "results" / "complied", tree)
     files = lambda: {p: p.read_bytes() for p in tree.rglob("*") if p.is_file() and p.name != ".hpc-rerun.lock"}  # noqa: E731
     before = files()
-    result = run_cli("rescore", tree, "--data-root", MINI / "data", "--json", "--write")
+    result = run_cli("rescore", tree, "--data-root", MINI_DATA, "--json", "--write")
     assert result.exit_code == 0, result.output
     configs = json.loads(result.output)["configs"]
     assert len(configs) == 5 and sum(c["items"] for c in configs) > 150
@@ -44,12 +46,12 @@ def test_stored_metrics_that_differ_are_reported_then_written_and_nothing_else_c
     path.write_text(json.dumps(data, indent=2))
     tampered = json.loads(path.read_text())
 
-    result = run_cli("rescore", tree, "--data-root", MINI / "data", "--config", "qwen3vl_text/text_json")
+    result = run_cli("rescore", tree, "--data-root", MINI_DATA, "--config", "qwen3vl_text/text_json")
     assert result.exit_code == EXIT_GAPS, result.output
     assert "qwen3vl_text/text_json: 36 answered, 2 differ (F1 1, Pass 1)" in result.output
     assert json.loads(path.read_text()) == tampered, "nothing written without --write"
 
-    result = run_cli("rescore", tree, "--data-root", MINI / "data", "--config", "qwen3vl_text/text_json", "--write")
+    result = run_cli("rescore", tree, "--data-root", MINI_DATA, "--config", "qwen3vl_text/text_json", "--write")
     assert result.exit_code == 0, result.output
     fixed = json.loads(path.read_text())
     by_id = {i["id"]: i for i in fixed["results"]}
@@ -75,12 +77,13 @@ def test_a_file_that_stores_pass_false_for_code_that_did_not_run_keeps_its_conve
     for item in not_run:
         item["Metrics"]["Pass"] = False
     path.write_text(json.dumps(data, indent=2))
-    result = run_cli("rescore", tree, "--data-root", MINI / "data", "--config", "qwen3vl_resize_pic/image")
+    result = run_cli("rescore", tree, "--data-root", MINI_DATA, "--config", "qwen3vl_resize_pic/image")
     assert result.exit_code == 0 and "0 differ" in result.output, result.output
 
     from hpc_rerun.merge import ConfigMerge, merge_items
+    from hpc_rerun.rundir import Record
 
     record = {"id": 999_999, "QuestionType": "Visualization", "Prediction": "no code here",
               "Metrics": {"ECR": False, "Pass": "None"}}
-    merged = merge_items(data["results"], {999_999: record}, False, False, ConfigMerge("c", path))
+    merged = merge_items(data["results"], {999_999: Record.from_dict(record)}, False, False, ConfigMerge("c", path))
     assert next(i for i in merged if i["id"] == 999_999)["Metrics"] == {"ECR": False, "Pass": False}
