@@ -14,6 +14,10 @@
     [runs]                           # run directories whose answers count, and their configuration
     "result/rerun-text_html-truncate" = "qwen3vl_text/text_html"
 
+    [protocols]                      # the answer protocol per configuration or variant (protocol.py presets)
+    "qwen3vl_text/text_latex" = "default-batch"
+    qwen3vl_default_pic = "default-sequential"
+
 Relative paths are relative to the project file's folder; command-line options win over the file.
 """
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .benchmark import DEFAULT_VARIANTS, BenchmarkError, Config, Variant
+from .protocol import PRESETS
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Project:
     variants: dict[str, Variant] = field(default_factory=lambda: dict(DEFAULT_VARIANTS))
     configs: dict[Config, Path] = field(default_factory=dict)
     runs: list[tuple[Path, str | None]] = field(default_factory=list)
+    protocols: dict[str, str] = field(default_factory=dict)  # config or variant name -> answer protocol preset
 
     def variant(self, name: str) -> Variant:
         """A variant's settings; an unknown variant runs with the processor's own limits."""
@@ -58,7 +64,8 @@ def load_project(path: str | Path | None) -> Project:
     if path is None:
         return Project()
     path = Path(path)
-    raw = read_toml(path, "project file", ["results_root", "data_root", "tasks", "variants", "configs", "runs"])
+    raw = read_toml(path, "project file", ["results_root", "data_root", "tasks", "variants", "configs", "runs",
+                                           "protocols"])
     base = path.parent
 
     def resolve(value) -> Path:
@@ -77,4 +84,9 @@ def load_project(path: str | Path | None) -> Project:
     for name, file in raw.get("configs", {}).items():
         project.configs[Config.parse(name)] = resolve(file)
     project.runs = [(resolve(run_dir), config) for run_dir, config in raw.get("runs", {}).items()]
+    for name, protocol in raw.get("protocols", {}).items():
+        if protocol not in PRESETS:
+            raise BenchmarkError(f"{path}: [protocols] {name} = {protocol!r} is not an answer protocol; "
+                                 f"presets: {', '.join(PRESETS)}")
+        project.protocols[name] = protocol
     return project

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_json
-from .benchmark import Config, Task, classify_error, required_files
+from .benchmark import Config, Task, classify_error, load_tasks, required_files
 from .results import ResultFile, ResultFileError, best_items, item_ok, load_result_file
+from .rundir import Plan
 
 INCOMPLETE_REASON = "Incomplete run or processing error (files exist but task not processed)"
 
@@ -38,6 +39,12 @@ class SourceIndex:
 
     def missing(self, relpaths: list[str]) -> list[str]:
         return [p for p in relpaths if not self.exists(p)]
+
+
+def missing_inputs(index: SourceIndex, task: Task, config: Config) -> list[str]:
+    """The data files a task needs that are not there: the one rule for what can run, for the scan and the
+    worker alike (any table text can be read, as the users read it: tables.read_table)."""
+    return index.missing(required_files(task, config))
 
 
 @dataclass
@@ -142,7 +149,7 @@ def scan_config(
             scan.absent.append(task_id)
         else:
             scan.errors[task_id] = classify_error(item["Prediction"], config.modality)
-        missing = index.missing(required_files(task, config))
+        missing = missing_inputs(index, task, config)
         if missing:
             scan.unrunnable[task_id] = missing
     scan.success.sort()
@@ -170,7 +177,8 @@ def discover_configs(results_root: Path) -> tuple[dict[Config, Path], list[str]]
                 problems.append(f"{leaf}: configuration folder without a results*.json file")
             else:
                 names = ", ".join(c.name for c in candidates)
-                problems.append(f"{leaf}: several result files ({names}); keep one, or rename the one to use to results.json")
+                problems.append(f"{leaf}: several result files ({names}); keep one, or rename the one to use to "
+                                "results.json")
     return found, problems
 
 
@@ -299,13 +307,11 @@ def write_skip_reports(report: ScanReport) -> list[Path]:
     return written
 
 
-def rescan_after_merge(reports, plan: dict, data_root: Path, task_list: Path) -> ScanReport:
+def rescan_after_merge(reports, plan: Plan, data_root: Path, task_list: Path) -> ScanReport:
     """What is left in the configurations a merge wrote; refreshes their skip_ids.json."""
-    from .benchmark import load_tasks
-
     merged = [r.config for r in reports if r.path is not None and not r.problem]
-    named = {Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()}
-    report = scan_tree(Path(plan["results_root"]), load_tasks(task_list), task_list, data_root, only=merged,
+    named = {Config.parse(c): Path(f["path"]) for c, f in plan.result_files.items()}
+    report = scan_tree(Path(plan.results_root), load_tasks(task_list), task_list, data_root, only=merged,
                        named_configs=named)
     write_skip_reports(report)
     return report

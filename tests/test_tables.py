@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from hpc_rerun.inference import tables as tables_module
 from hpc_rerun.benchmark import Task
+from hpc_rerun.inference import tables as tables_module
 from hpc_rerun.inference.engine import TABLE_SLOT, Engine, PromptTooLong, Request
 from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text
-from hpc_rerun.rundir import ShardSpec, read_records, records_path
 from hpc_rerun.inference.tables import TableCache
 from hpc_rerun.inference.worker import run_shard
+from hpc_rerun.rundir import ShardSpec, read_records, records_path
 
 TASK = Task(1, "x", "Fact Checking", None, "Is the value in the last row larger than 12?", "Yes")
 MINI_TASKS = Path(__file__).parent / "fixtures" / "realhitbench-mini" / "QA_final_sc_filled.json"
@@ -164,3 +164,86 @@ def test_a_shard_of_huge_tables_never_ends_in_oom_text(tmp_path, tiny_model_dir,
         assert provenance["truncated_to_tokens"] <= provenance["prompt_budget"] == budget
         assert provenance["truncation"]["table_tokens_kept"] < provenance["truncation"]["table_tokens"]
     assert len(builds) == len(set(builds)) == 2, "each table tokenised once for its three tasks"
+
+
+MINI_DATA = Path(__file__).parent / "fixtures" / "realhitbench-mini" / "data"
+
+
+def users_reading(path) -> str:
+    """How the users' scripts read a table (utils/common_util.py's read_file)."""
+    with open(path, encoding="utf-8", errors="ignore") as fh:  # text mode: universal newlines
+        return fh.read()
+
+
+def users_ids(engine: Engine, message: str) -> list[int]:
+    """Their script's ids of a text message: ``processor.apply_chat_template(..., tokenize=True)``."""
+    conversation = [{"role": "user", "content": [{"type": "text", "text": message}]}]
+    return engine.processor.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)["input_ids"][0]
+
+
+def test_a_crlf_latex_table_and_a_non_utf8_table_give_the_ids_the_users_reading_gives(tmp_path, engine):
+    """A real LaTeX table with CRLF line ends (594 of the benchmark's), and the same bytes with bytes that are
+    not UTF-8 and a lone CR in it (13 such tables were answered): the text is theirs, the dropped bytes are
+    counted, and the prompt ids are those their script tokenises."""
+    crlf = MINI_DATA / "latex" / "economy-table14.txt"
+    raw = crlf.read_bytes()
+    assert b"\r\n" in raw
+    broken = tmp_path / "broken.txt"
+    middle = raw.index(b"\r\n", len(raw) // 2)
+    broken.write_bytes(raw[:100] + b"\xff\xfe" + raw[100:middle] + b"\r" + b"\xe9t\xc3" + raw[middle:] + b"\x80")
+    message = build_prompt_text(TASK, "text", "latex", TABLE_SLOT, DEFAULT_PROMPTS)
+    for path, dropped in ((crlf, 0), (broken, 5)):
+        read = tables_module.read_table(path)
+        assert read.text == users_reading(path) and "\r" not in read.text
+        assert read.bytes_dropped == dropped
+        table = TableCache(engine.tokenizer).get(str(path))
+        assert table.bytes_dropped == dropped
+        request = engine.prepare(message, None, {"max_new_tokens": 8}, 10**7, table)
+        assert request.cut.rule is None
+        theirs = message.replace(TABLE_SLOT, users_reading(path))
+        assert request.prompt.input_ids.tolist() == users_ids(engine, theirs)
+
+
+def their_truncation(engine: Engine, message: str, table: str, limit: int) -> str:
+    """A plain re-implementation of the users' truncate_text_if_needed (their truncate script): count the
+    chat-templated text message; over ``limit``, keep the first and last 35% of the table's lines around a
+    marker element, joined with "\\n", then x0.8 (at least 1 line each end) up to 5 more times; keep the last."""
+    full = message.replace(TABLE_SLOT, table)
+    if len(users_ids(engine, full)) <= limit:
+        return full
+    lines = table.split("\n")
+    n, keep = len(lines), 0.35
+    head = int(n * keep)
+    cut = lines[:head] + [f"\n... [{n - head - head} rows omitted] ...\n"] + lines[-head:]
+    text = full.replace(table, "\n".join(cut))
+    attempts = 0
+    while len(users_ids(engine, text)) > limit and attempts < 5:
+        attempts += 1
+        keep *= 0.8
+        head = max(1, int(n * keep))
+        cut = lines[:head] + [f"\n... [{n - head - head} rows omitted] ...\n"] + lines[-head:]
+        text = full.replace(table, "\n".join(cut))
+    return text
+
+
+def test_max_input_tokens_reproduces_the_users_cut_and_marker(tmp_path, engine):
+    """``--max-input-tokens N`` on a real long table of the fixture (employment-table01.html, 934 lines): the
+    message is their script's, character for character, and its ids are the tokeniser's. Their 200,000 on the
+    8B tokenizer and a few thousand on the tiny one take the same path; the limits here hit each step of it:
+    the table whole, their first cut, a later step, and their steps run out (the last kept, still over N)."""
+    path = MINI_DATA / "html" / "employment-table01.html"
+    table = TableCache(engine.tokenizer).get(str(path))
+    message = build_prompt_text(TASK, "text", "html", TABLE_SLOT, DEFAULT_PROMPTS)
+    whole = len(users_ids(engine, message.replace(TABLE_SLOT, table.text)))
+    outcomes = set()
+    for limit in (whole, whole - 1, whole // 3, 300):
+        request = engine.prepare(message, None, {"max_new_tokens": 8}, 10**7, table, max_input_tokens=limit)
+        theirs = their_truncation(engine, message, table.text, limit)
+        assert request.text == theirs, limit
+        assert request.prompt.input_ids.tolist() == users_ids(engine, theirs)
+        if request.cut.rule:
+            assert "\n\n... [" in request.text and "rows omitted] ...\n\n" in request.text, "between blank lines"
+        outcomes.add((request.cut.rule, request.cut.keep_share, request.prompt_tokens <= limit))
+    assert outcomes == {(None, None, True), ("users", 0.35, True), ("users", round(0.35 * 0.8**4, 4), True),
+                        ("users", round(0.35 * 0.8**5, 4), False)}, outcomes

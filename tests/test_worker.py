@@ -14,12 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from hpc_rerun.inference import worker as worker_module
 from hpc_rerun.benchmark import load_tasks
-from hpc_rerun.inference.engine import Engine, Request, fit_image
+from hpc_rerun.inference import worker as worker_module
+from hpc_rerun.inference.engine import Engine, Request
+from hpc_rerun.inference.engine import sampling as packed_sampling
 from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text, load_prompt_set
-from hpc_rerun.rundir import ShardSpec, read_records, records_path
 from hpc_rerun.inference.worker import run_shard
+from hpc_rerun.protocol import preset
+from hpc_rerun.rundir import ShardSpec, read_records, records_path
+
+from .conftest import MINI_DATA
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 TASKS = MINI / "QA_final_sc_filled.json"
@@ -33,7 +37,7 @@ def data_root(tmp_path) -> Path:
     """The mini tables, plus table images rendered here (the data copy has none); labor-table68 has none."""
     root = tmp_path / "data"
     root.mkdir()
-    for folder in (MINI / "data").iterdir():
+    for folder in MINI_DATA.iterdir():
         (root / folder.name).symlink_to(folder)
     (root / "image").mkdir()
     for name in ["employment-table01", "science-table32", "economy-table14", "society-table10", "science-table32_swap"]:
@@ -65,7 +69,7 @@ def test_text_image_mix_end_to_end(tmp_path, tiny_model_dir, data_root):
     assert summary["written"] == len(tasks)
     records = records_by_key(spec)
     assert set(records) == set(tasks)
-    for (config, task_id), record in records.items():
+    for (config, _), record in records.items():
         assert list(record) == ITEM_KEYS
         provenance = record["provenance"]
         assert provenance["config"] == config and provenance["run_id"] == "test" and provenance["gpu"] == "cpu"
@@ -92,8 +96,8 @@ def test_answers_are_extracted_and_scored(tmp_path, tiny_model_dir, data_root):
     runner = worker_module.ShardRunner(spec)
     tasks = load_tasks(TASKS)
     config = worker_module.Config.parse("qwen3vl_text/text_csv")
-    ti = worker_module.TaskInput(config, tasks[1], "x", None, 1000, None, None,
-                                 request=Request("q", None, {}, prompt_tokens=10))
+    ti = worker_module.TaskInput(config, tasks[1], None, None, 1000, None, None,
+                                 request=Request("q", None, {}, prompt_tokens=10), protocol=preset("truncate"))
     with worker_module.RecordWriter(records_path(spec)) as writer:
         runner.write_answer(ti, "Let me look.\n[Final Answer]: 1954\n[Final Answer]: 1955, 62170", 1.0, time.time(),
                             writer)
@@ -102,6 +106,23 @@ def test_answers_are_extracted_and_scored(tmp_path, tiny_model_dir, data_root):
     # SacreBLEU is 0 for an exact answer under 4 words, as in the stored items (e.g. id 2750 'South East').
     assert record["Metrics"] == {"F1": 100.0, "EM": 100.0, "ROUGE-L": 100.0, "SacreBLEU": 0.0}
     assert record["provenance"]["error_class"] is None
+
+
+def test_a_chart_answer_records_the_sandbox_layer_it_was_scored_under(tmp_path, tiny_model_dir, data_root):
+    """A Visualization answer (the users' stored one for task 1960, Pass true) is scored in the sandbox, and its
+    record says under which layer (bubblewrap here: CI installs it)."""
+    spec = make_spec(tmp_path, tiny_model_dir, data_root, [])
+    runner = worker_module.ShardRunner(spec)
+    stored = next(i for i in json.loads((MINI / "results" / "complied" / "qwen3vl_text" / "text_json" /
+                                         "results.json").read_text())["results"] if i["id"] == 1960)
+    config = worker_module.Config.parse("qwen3vl_text/text_json")
+    ti = worker_module.TaskInput(config, load_tasks(TASKS)[1960], None, None, 1000, None, None,
+                                 request=Request("q", None, {}, prompt_tokens=10), protocol=preset("truncate"))
+    with worker_module.RecordWriter(records_path(spec)) as writer:
+        runner.write_answer(ti, f"[Final Answer]: {stored['Prediction']}", 1.0, time.time(), writer)
+    (record,) = read_records(records_path(spec))
+    assert record["Metrics"] == stored["Metrics"] == {"ECR": True, "Pass": True}
+    assert record["provenance"]["sandbox_layer"] == "bubblewrap" and record["provenance"]["scoring_note"] is None
 
 
 def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir, data_root):
@@ -189,24 +210,46 @@ def test_bad_inputs_never_reach_the_model(tmp_path, tiny_model_dir, data_root, m
     csv = data_root / "csv"
     csv.unlink()
     csv.mkdir()
-    (csv / "society-table10.csv").write_bytes(b"Year,Total\n1955,\xff\xfe\n")
     queries = json.loads(TASKS.read_text())["queries"]
     escape = dict(next(q for q in queries if q["id"] == 1), id=1, FileName="../../../etc/passwd")
     task_list = tmp_path / "tasks.json"
     task_list.write_text(json.dumps({"queries": [escape] + [q for q in queries if q["id"] != 1]}))
     monkeypatch.setattr(worker_module, "Engine", lambda *a, **k: pytest.fail("the model must not be loaded"))
-    tasks = [("qwen3vl_text/text_csv", 1), ("qwen3vl_resize_pic/image", 1634), ("qwen3vl_text/text_csv", 1956),
+    tasks = [("qwen3vl_text/text_csv", 1), ("qwen3vl_resize_pic/image", 1634),
              ("qwen3vl_default_pic/mix_markdown", 2216)]
     spec = make_spec(tmp_path, tiny_model_dir, data_root, tasks, task_list=str(task_list))
     run_shard(spec)
     records = records_by_key(spec)
     classes = {key: r["provenance"]["error_class"] for key, r in records.items()}
     assert classes == {("qwen3vl_text/text_csv", 1): "bad_input", ("qwen3vl_resize_pic/image", 1634): "bad_input",
-                       ("qwen3vl_text/text_csv", 1956): "bad_input",
                        ("qwen3vl_default_pic/mix_markdown", 2216): "missing_input"}
     assert "escapes the data root" in records[("qwen3vl_text/text_csv", 1)]["Prediction"]
     assert "cannot decode image" in records[("qwen3vl_resize_pic/image", 1634)]["Prediction"]
-    assert "not UTF-8 text" in records[("qwen3vl_text/text_csv", 1956)]["Prediction"]
+
+
+def test_a_table_that_is_not_utf8_is_answered_as_the_users_read_it_and_scan_agrees(tmp_path, tiny_model_dir,
+                                                                                   data_root):
+    """Their script read every table with errors='ignore' and answered these tasks: the scan counts them
+    runnable, the worker answers them (bytes dropped, counted on the item); a missing table is neither."""
+    from hpc_rerun.benchmark import Config
+    from hpc_rerun.scan import SourceIndex, missing_inputs
+
+    csv = data_root / "csv"
+    csv.unlink()
+    csv.mkdir()
+    original = (MINI / "data" / "csv" / "employment-table01.csv").read_bytes()
+    (csv / "employment-table01.csv").write_bytes(original[:40] + b"\xff\xfe" + original[40:] + b"\x80")
+    tasks = load_tasks(TASKS)
+    config = Config.parse("qwen3vl_text/text_csv")
+    index = SourceIndex(data_root)
+    assert missing_inputs(index, tasks[2], config) == [] and missing_inputs(index, tasks[438], config) != []
+    spec = make_spec(tmp_path, tiny_model_dir, data_root,
+                     [("qwen3vl_text/text_csv", 2), ("qwen3vl_text/text_csv", 438)])
+    run_shard(spec)
+    records = records_by_key(spec)
+    answered = records[("qwen3vl_text/text_csv", 2)]["provenance"]
+    assert answered["error_class"] in (None, "format_failure") and answered["table_bytes_dropped"] == 3
+    assert records[("qwen3vl_text/text_csv", 438)]["provenance"]["error_class"] == "missing_input"
 
 
 def test_huge_png_opens_without_bomb_error_and_is_capped(tmp_path, tiny_model_dir, data_root, monkeypatch):
@@ -217,7 +260,7 @@ def test_huge_png_opens_without_bomb_error_and_is_capped(tmp_path, tiny_model_di
     (record,) = records_by_key(spec).values()
     assert record["provenance"]["error_class"] == "format_failure", record["Prediction"]
     assert record["provenance"]["image_pixels"] <= RESIZE["max_pixels"] == record["provenance"]["pixel_cap"]
-    fitted = fit_image(Image.new("RGB", (7500, 7000)), None, None)
+    fitted = Engine(str(tiny_model_dir), dtype="float32").fit_image(Image.new("RGB", (7500, 7000)), None, None)
     assert fitted.size[0] * fitted.size[1] <= 16384 * 32 * 32 and fitted.size[0] % 32 == 0
 
 
@@ -232,7 +275,7 @@ def seed_way(engine: Engine, request: Request, generation: dict) -> str:
 def engine_requests(tiny_model_dir, data_root):
     engine = Engine(str(tiny_model_dir), dtype="float32")
     tasks = load_tasks(TASKS)
-    image = fit_image(Image.open(data_root / "image" / "science-table32.png").convert("RGB"), None, None)
+    image = engine.fit_image(Image.open(data_root / "image" / "science-table32.png").convert("RGB"), None, None)
     table = "\n".join(f"{n},{n * 7 % 13}" for n in range(40))
     prompts = [(tasks[1634], "text", "csv", "a,b\n1,2", None), (tasks[1635], "image", None, None, image),
                (tasks[1636], "mix", "csv", "a,b\n1,2\n3,4\n5,6", image), (tasks[1], "text", "csv", table, None)]
@@ -248,11 +291,11 @@ def test_engine_packed_batch_equals_one_by_one_in_fp32_greedy(engine_requests):
     requests = [Request(text, image, greedy) for text, image in prompts]
     assert engine.encode(requests).prompts is not None, "greedy settings take the packed path"
     expected = [seed_way(engine, r, greedy) for r in requests]
-    assert engine.generate(requests) == expected
+    assert engine.generate_encoded(engine.encode(requests)) == expected
     # Passes of 37 tokens: every prompt in pieces, each attending to the cache of its earlier pieces,
     # the image's 300 tokens kept in one piece.
     engine.packed.prefill_tokens = 37
-    assert engine.generate(requests[::-1]) == expected[::-1]
+    assert engine.generate_encoded(engine.encode(requests[::-1])) == expected[::-1]
 
 
 def test_engine_stops_each_sequence_at_its_end_token(tiny_model_dir, data_root):
@@ -265,10 +308,12 @@ def test_engine_stops_each_sequence_at_its_end_token(tiny_model_dir, data_root):
     short = {"do_sample": False, "max_new_tokens": 30}
     held = {"do_sample": False, "max_new_tokens": 30, "min_new_tokens": 30}
     for generation in (short, held):
-        requests = [Request("Is it?", None, generation), Request("Is it, for this longer table a,b 1,2?", None, generation)]
+        requests = [Request("Is it?", None, generation),
+                    Request("Is it, for this longer table a,b 1,2?", None, generation)]
         expected = [seed_way(engine, r, generation) for r in requests]
-        assert engine.generate(requests) == expected
-    assert expected[0] != engine.generate([Request("Is it?", None, short)])[0], "min_new_tokens changed the output"
+        assert engine.generate_encoded(engine.encode(requests)) == expected
+    shorter = engine.generate_encoded(engine.encode([Request("Is it?", None, short)]))
+    assert expected[0] != shorter[0], "min_new_tokens changed the output"
 
 
 def test_engine_streams_batches_by_cache_tokens_and_padded_ones_by_padding(engine_requests):
@@ -309,12 +354,10 @@ def test_prompts_are_prepared_a_few_ahead_of_the_gpu_and_failures_do_not_stop_th
 
 
 def test_engine_falls_back_to_padded_generate_for_settings_it_does_not_implement(engine_requests, caplog):
-    from hpc_rerun.inference import packed
-
     engine, prompts = engine_requests
     banned = {"do_sample": False, "max_new_tokens": 8, "no_repeat_ngram_size": 2}
     requests = [Request(text, image, banned) for text, image in prompts[:3]]
-    packed._say_fallback.cache_clear()
+    packed_sampling._say_fallback.cache_clear()
     encoded = engine.encode(requests)
     assert encoded.prompts is None and encoded.padded is not None
     assert "no_repeat_ngram_size need HF generate" in caplog.text, "the slower path is named once"
@@ -325,17 +368,20 @@ def test_engine_sampling_follows_the_warpers(engine_requests):
     """top_k=1 leaves only the best token, whatever the temperature: sampling must equal greedy;
     with Qwen's settings, two seeds give different text but the same seed the same."""
     engine, prompts = engine_requests
-    requests = lambda generation: [Request(text, image, generation) for text, image in prompts]
-    greedy = engine.generate(requests({"do_sample": False, "max_new_tokens": 10}))
+
+    def requests(generation: dict) -> list[Request]:
+        return [Request(text, image, generation) for text, image in prompts]
+
+    greedy = engine.generate_encoded(engine.encode(requests({"do_sample": False, "max_new_tokens": 10})))
     top1 = {"do_sample": True, "temperature": 5.0, "top_k": 1, "max_new_tokens": 10}
-    assert engine.generate(requests(top1)) == greedy
+    assert engine.generate_encoded(engine.encode(requests(top1))) == greedy
     qwen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 10}
     torch.manual_seed(1)
-    first = engine.generate(requests(qwen))
+    first = engine.generate_encoded(engine.encode(requests(qwen)))
     torch.manual_seed(1)
-    assert engine.generate(requests(qwen)) == first
+    assert engine.generate_encoded(engine.encode(requests(qwen))) == first
     torch.manual_seed(2)
-    assert engine.generate(requests(qwen)) != first
+    assert engine.generate_encoded(engine.encode(requests(qwen))) != first
 
 
 def test_users_prompt_modules_are_used_as_the_fork_did(tmp_path):
@@ -353,14 +399,17 @@ def test_users_prompt_modules_are_used_as_the_fork_did(tmp_path):
 
 def test_per_task_overrides_from_resubmit_are_honoured(tmp_path, tiny_model_dir, data_root):
     from hpc_rerun.resubmit import escalate_task
+    from hpc_rerun.rundir import Record
 
-    oom_image = {"provenance": {"error_class": "oom_image", "image_pixels": 200_000}}
-    oom_text = {"provenance": {"error_class": "oom_text", "prompt_tokens": 40_000, "truncated_to_tokens": 9_000}}
+    oom_image = Record.from_dict({"provenance": {"error_class": "oom_image", "image_pixels": 200_000}})
+    oom_text = Record.from_dict({"provenance": {"error_class": "oom_text", "prompt_tokens": 40_000,
+                                                "truncated_to_tokens": 9_000}})
     image_entry = escalate_task({"config": "qwen3vl_resize_pic/image", "id": 2}, oom_image)
     text_entry = escalate_task({"config": "qwen3vl_text/text_csv", "id": 1}, oom_text)
     assert image_entry == {"config": "qwen3vl_resize_pic/image", "id": 2, "max_pixels": 100_000}
     assert text_entry == {"config": "qwen3vl_text/text_csv", "id": 1, "token_budget": 4_500}
-    assert escalate_task({"config": "x/image", "id": 3}, {"provenance": {"error_class": "other"}}) == {
+    other = Record.from_dict({"provenance": {"error_class": "other"}})
+    assert escalate_task({"config": "x/image", "id": 3}, other) == {
         "config": "x/image", "id": 3}
     spec = make_spec(tmp_path, tiny_model_dir, data_root, [])
     data = json.loads(spec.read_text())

@@ -16,7 +16,6 @@ from ..benchmark import BenchmarkError, Task
 
 MODULE_FILES = {"text": "answer_prompt_llm.py", "image": "answer_prompt_mlm.py", "mix": "answer_prompt_mix.py"}
 IMAGE_PLACEHOLDER = "[See the table image]"
-FINAL_ANSWER = "[Final Answer]:"
 ANSWER_FORMATS = {
     "Exploratory Analysis": "CorrelationRelation, CorrelationCoefficient",
     "Visualization": "import pandas as pd \n import matplotlib.pyplot as plt \n ... plt.show()",
@@ -88,15 +87,11 @@ def build_prompt_text(task: Task, modality: str, fmt: str | None, table_text: st
         raise BenchmarkError(f"prompt set {prompts.source} has no Answer_Prompt for {key!r}") from None
     if modality == "text" or prompts is DEFAULT_PROMPTS:
         task_prompt = task_prompt.replace("{format}", fmt or "image")
-    answer_format = ANSWER_FORMATS.get(key, DEFAULT_ANSWER_FORMAT)
     table = IMAGE_PLACEHOLDER if modality == "image" else table_text
-    user = prompts.user_prompt.format(Table=table, Question=task.question, Answer_format=answer_format)
+    user = prompts.user_prompt.format(Table=table, Question=task.question, Answer_format=answer_format(task))
     return task_prompt + "\n" + user
 
 
-def extract_answer(response: str) -> str | None:
-    """The text after the last ``[Final Answer]:``, or None when the model never wrote one."""
-    at = response.rfind(FINAL_ANSWER)
-    if at < 0:
-        return None
-    return response[at + len(FINAL_ANSWER):].strip()
+def answer_format(task: Task) -> str:
+    """The ``{Answer_format}`` of a task's prompt (and of the format re-ask's note)."""
+    return ANSWER_FORMATS.get(prompt_key(task), DEFAULT_ANSWER_FORMAT)

@@ -9,6 +9,8 @@ one tokenisation.
 The cut: the users' rule first (the first and last 35% of the lines with ``\\n... [N rows omitted] ...\\n``
 between, shrinking x0.8 up to 5 times), and where no step of it fits (a 32-line table of 83K-character
 lines), a cut inside lines: the first and last halves of the room, in tokens.
+With ``--max-input-tokens``, the users' truncate script's own cut instead (``cut_as_users``): their limit
+on the text message, their marker layout, their last step kept even when it does not fit.
 
 Exactness: Qwen's pre-tokenizer never joins a line break with the character after it, so the tokens of a
 text split at the start of a non-empty line are the tokens of the two parts. Token runs between such
@@ -29,15 +31,23 @@ import numpy as np
 KEEP, SHRINK, STEPS = 0.35, 0.8, 5  # the users' rule: keep 0.35, then x0.8, up to 5 more times
 
 
-class TableError(ValueError):
-    """A table file that cannot be used as text (the message names the file)."""
+@dataclass(frozen=True)
+class TableText:
+    """A table file's text as the users' scripts read it, and how many of its bytes that reading dropped."""
+
+    text: str
+    bytes_dropped: int
 
 
-def read_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TableError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+def read_table(path: str | Path) -> TableText:
+    """The text ``open(path, 'r', encoding='utf-8', errors='ignore').read()`` gives, as the users' runs read every
+    table: line ends made ``\\n`` (CRLF and lone CR) and bytes that are not UTF-8 dropped. Why: a rerun
+    answers the same prompts as the run it completes (594 LaTeX tables have CRLF, 13 are not valid UTF-8 and
+    were answered). The dropped bytes are counted so that the item says its table was not read whole."""
+    raw = Path(path).read_bytes()
+    text = raw.decode("utf-8", errors="ignore")
+    dropped = len(raw) - len(text.encode("utf-8"))
+    return TableText(text.replace("\r\n", "\n").replace("\r", "\n"), dropped)
 
 
 @dataclass
@@ -49,6 +59,7 @@ class TokenizedTable:
     ids: np.ndarray  # int64 [T]
     token_starts: np.ndarray  # int64 [T], character offset of each token
     line_starts: np.ndarray  # int64 [lines], character offset of each line (0, then after every "\n")
+    bytes_dropped: int = 0  # bytes of the file that are not UTF-8 (read_table)
     line_tokens: np.ndarray = field(init=False)  # int64 [lines + 1]: tokens before each line start (cumulative)
     safe: list[int] = field(init=False)  # line starts where the tokenisation splits cleanly (sorted)
 
@@ -61,12 +72,14 @@ class TokenizedTable:
 
     @classmethod
     def build(cls, path: str | Path, tokenizer) -> "TokenizedTable":
-        text = read_text(path)
+        read = read_table(path)
+        text = read.text
         encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         starts = np.asarray([start for start, _ in encoding.offsets], dtype=np.int64)
         newlines = np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 10)
-        return cls(str(path), text, ids, starts, np.concatenate([[0], newlines + 1]).astype(np.int64))
+        return cls(str(path), text, ids, starts, np.concatenate([[0], newlines + 1]).astype(np.int64),
+                   read.bytes_dropped)
 
     @property
     def tokens(self) -> int:
@@ -100,6 +113,34 @@ class TokenizedTable:
             keep *= SHRINK
         return self.cut_inside_lines(room, marker_tokens)
 
+    def cut_as_users(self, limit: int, message_tokens) -> "TableCut":
+        """The users' truncate script's cut, for ``--max-input-tokens``: the table whole when their text message
+        has at most ``limit`` tokens (``message_tokens(cut)`` counts it), else their lines joined by ``\\n``
+        around the line ``\\n... [N rows omitted] ...\\n`` (so the marker stands between blank lines): the first
+        and last 35% of the lines, then x0.8 (at least one line each end) up to 5 times; the last try is kept
+        even when it is still over the limit, as theirs was."""
+        whole = TableCut(self, [(0, len(self.text))], [], None, None, self.tokens)
+        if message_tokens(whole) <= limit:
+            return whole
+        keep = KEEP
+        for step in range(STEPS + 1):
+            kept = int(self.lines * keep)
+            # their first try has no floor: lines[-0:] is every line, after the marker and nothing before it
+            cut = self._users_lines(max(kept, 1) if step else kept, round(keep, 4))
+            if message_tokens(cut) <= limit:
+                break
+            keep *= SHRINK
+        return cut
+
+    def _users_lines(self, kept: int, keep: float) -> "TableCut":
+        """``'\\n'.join(lines[:kept] + [marker] + lines[-kept:])`` as character ranges of the text."""
+        n = self.lines
+        head_end = (int(self.line_starts[kept]) - 1 if kept < n else len(self.text)) if kept else 0
+        tail_start = int(self.line_starts[n - kept]) if kept else 0
+        marker = ("\n" if kept else "") + f"\n... [{n - 2 * kept} rows omitted] ...\n" + "\n"
+        kept_tokens = int(self.line_tokens[kept] + self.tokens - self.line_tokens[n - kept]) if kept else self.tokens
+        return TableCut(self, [(0, head_end), (tail_start, len(self.text))], [marker], "users", keep, kept_tokens)
+
     def cut_inside_lines(self, room: int, marker_tokens) -> "TableCut":
         """The first and last halves of ``room`` (less the marker) in tokens, cut at token starts."""
         guess = f"\n... [{len(self.text)} characters omitted] ...\n"
@@ -119,7 +160,7 @@ class TableCut:
     table: TokenizedTable
     ranges: list[tuple[int, int]]
     markers: list[str]
-    rule: str | None  # None (whole), "lines" (the users' rule), "tokens" (cut inside lines)
+    rule: str | None  # None (whole), "lines" (the users' steps), "tokens" (inside lines), "users" (theirs exactly)
     keep_share: float | None  # the users' rule: the share of lines kept at each end
     kept_tokens: int  # the table's tokens kept (from the one tokenisation)
 
@@ -186,19 +227,3 @@ class TableCache:
             self._users[path] = self._users.get(path, 1) - 1
             if self._users[path] <= 0:
                 self._tables.pop(path, None)
-
-
-def load_tokenizer(model_path: str | None):
-    """The model's tokenizer, for counting only (whole tables are measured, never fed as they are); None
-    where it cannot be loaded here (no model folder, or no transformers on a login node): the planner then
-    estimates tokens from bytes."""
-    if not model_path or not Path(model_path).is_dir():
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (ImportError, OSError, ValueError):
-        return None
-    tokenizer.model_max_length = 1 << 40
-    return tokenizer
