@@ -38,11 +38,11 @@ def test_a_prompt_that_fills_its_batch_pays_for_every_decode_step(tmp_path):
 def test_a_group_pays_for_its_table_once_and_stays_in_one_shard(tmp_path):
     """Tasks of one configuration, table and question type: the first pays for the table, the others for
     their question (the engine prefills the common part once), and no shard gets part of a group."""
-    from hpc_rerun.inference import packed
     from hpc_rerun.benchmark import Config, Variant
+    from hpc_rerun.inference.engine import sequences
     from hpc_rerun.plan import SHARE_MIN_TOKENS, pack_shards
 
-    assert SHARE_MIN_TOKENS == packed.SHARE_MIN_TOKENS, "plan counts sharing as the engine does it"
+    assert SHARE_MIN_TOKENS == sequences.SHARE_MIN_TOKENS, "plan counts sharing as the engine does it"
     (tmp_path / "html").mkdir()
     (tmp_path / "html" / "big.html").write_text("<td>1</td>\n" * 300_000)  # ~900K tokens by the byte estimate
     (tmp_path / "html" / "small.html").write_text("<td>1</td>\n" * 2_000)
@@ -82,3 +82,26 @@ def test_more_shards_than_groups_split_the_heaviest_groups_and_charge_their_tabl
     heavy = costs[0].seconds
     assert all(max(c.seconds for c in shard) == pytest.approx(heavy) for shard in three), \
         "each shard's first task of the group pays for the table"
+
+
+@pytest.mark.parametrize("limits", [(None, None), (256 * 28 * 28, 2048 * 28 * 28), (None, 16 * 32 * 32),
+                                    (256 * 28 * 28, 4 * 32 * 32)])
+def test_planner_sizes_images_as_the_models_processor_does(limits, tiny_model_dir):
+    """pixels.py (torch-free, for the planner) gives every image the grid Qwen3-VL's own image processor gives
+    it: the processor's defaults (the real preprocessor_config's 65,536 to 16,777,216 px), resize_pic's limits,
+    and caps the worker lowers below the minimum (a shrunk image)."""
+    from transformers import AutoProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from hpc_rerun.pixels import TOKEN_PIXELS, pixel_limits, resized, visual_tokens
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
+    min_pixels, max_pixels = limits
+    low, high = pixel_limits(min_pixels, max_pixels)
+    as_called = {} if limits == (None, None) else {"min_pixels": low, "max_pixels": high}
+    sizes = [(h, w) for h in (1, 15, 31, 33, 200, 240, 1000, 4093, 4279, 7000, 15500)
+             for w in (1, 17, 240, 320, 999, 3000, 5705, 7001, 15000) if max(h, w) / min(h, w) <= 200]
+    for h, w in sizes:
+        assert resized(h, w, low, high) == smart_resize(h, w, TOKEN_PIXELS, low, high), (h, w)
+        merged_patches = processor.get_number_of_image_patches(h, w, as_called) // processor.merge_size**2
+        assert visual_tokens(w, h, min_pixels, max_pixels) == merged_patches, (h, w)
