@@ -1,8 +1,11 @@
-"""The tables users derive from aggregate_metrics (aggregate_metrics.csv / .md), in their own shapes: from the
-users' stored aggregates they come out byte for byte as the users' own files, and a merge refreshes them."""
+"""The files users derive from aggregate_metrics, in their own shapes: aggregate_metrics.csv/.md beside each
+result file, each variant's modality_summary.csv, the paper table results_table.tex. From the users' stored
+aggregates they come out byte for byte as the users' own files; report rewrites only a file whose values
+changed, and a merge refreshes them."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -11,42 +14,76 @@ import pytest
 from click.testing import CliRunner
 
 from hpc_rerun.cli import main
-from hpc_rerun.derived import CSV_NAME, MARKDOWN_NAME, aggregate_tables
+from hpc_rerun.derived import CSV_NAME, MARKDOWN_NAME, SUMMARY_NAME, aggregate_tables, aggregate_type_metrics
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
+COMPLIED = MINI / "results" / "complied"
+STORED = json.loads((COMPLIED / "stored-aggregates.json").read_text())  # every FULL file's aggregate_metrics
 SHARED = ["qwen3vl_text/text_html", "qwen3vl_text/text_json", "qwen3vl_default_pic/mix_markdown",
-          "qwen3vl_resize_pic/image"]
+          "qwen3vl_resize_pic/image"]  # configurations whose folders (and the users' tables) are in the fixture
+
+
+def users_tables() -> dict[str, dict[str, bytes]]:
+    """The users' own aggregate_metrics.csv/.md of all 14 configurations that have them."""
+    tables = {c: {n: t.encode() for n, t in files.items()}
+              for c, files in json.loads((COMPLIED / "users-derived-tables.json").read_text()).items()}
+    for config in SHARED:
+        tables[config] = {n: (COMPLIED / config / n).read_bytes() for n in (CSV_NAME, MARKDOWN_NAME)}
+    return tables
 
 
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("config", SHARED)
-def test_the_users_own_tables_come_out_byte_for_byte(config):
-    """Four real files, four layouts and conventions: nested and flat, rounded and not, shares as fractions
-    (shown as percentages) and percentages, with and without ProcessingTime."""
-    folder = MINI / "results" / "complied" / config
-    aggregates = json.loads((folder / "results.json").read_text())["aggregate_metrics"]
-    tables = aggregate_tables(aggregates)
-    assert tables[CSV_NAME] == (folder / CSV_NAME).read_bytes()
-    assert tables[MARKDOWN_NAME] == (folder / MARKDOWN_NAME).read_bytes()
+def tree_bytes(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("config", sorted(users_tables()))
+def test_the_users_own_tables_come_out_byte_for_byte_for_every_configuration(config):
+    """All 14 configurations of the users' full tree, from the aggregates stored in their FULL result files:
+    nested and flat, rounded and not, shares as fractions (shown as percentages) and percentages, with and
+    without ProcessingTime (a full column, which the users' Markdown shows as numbers: 8.30 as 8.3)."""
+    tables = aggregate_tables(STORED[config]["aggregate_metrics"])
+    assert tables[CSV_NAME] == users_tables()[config][CSV_NAME]
+    assert tables[MARKDOWN_NAME] == users_tables()[config][MARKDOWN_NAME]
 
 
 def test_report_rewrites_nothing_that_is_current_and_creates_on_request(tmp_path):
     tree = tmp_path / "results"
-    shutil.copytree(MINI / "results" / "complied", tree)
-    before = {p: p.read_bytes() for p in tree.rglob("aggregate_metrics.*")}
+    shutil.copytree(COMPLIED, tree)
+    before = tree_bytes(tree)
     result = run_cli("report", tree, "--json")
     assert result.exit_code == 0 and all(v == [] for v in json.loads(result.stdout)["written"].values())
-    assert {p: p.read_bytes() for p in tree.rglob("aggregate_metrics.*")} == before
+    assert tree_bytes(tree) == before, "no byte of the users' tree changes, results_table.tex included"
     (tree / "qwen3vl_text" / "text_html" / CSV_NAME).unlink()
     assert "0 file(s) written" in run_cli("report", tree).output, "a missing table is not made without --create"
     result = run_cli("report", tree, "--create")
     assert result.exit_code == 0 and "2 file(s) written" in result.output, "the table, and resize_pic's summary"
-    assert (tree / "qwen3vl_resize_pic" / "modality_summary.csv").exists()
+    assert (tree / "qwen3vl_resize_pic" / SUMMARY_NAME).exists()
     assert (tree / "qwen3vl_text" / "text_html" / CSV_NAME).read_bytes() == before[tree / "qwen3vl_text" /
                                                                                     "text_html" / CSV_NAME]
+
+
+def test_a_table_that_shows_the_same_values_is_kept_and_a_stale_one_rewritten(tmp_path):
+    """A file is rewritten only when a value it shows changed: another number format (8.30 for the 8.3 the
+    users' tabulate writes), other row orders or padding are the file's own; a wrong value is not."""
+    tree = tmp_path / "results"
+    shutil.copytree(COMPLIED, tree)
+    folder = tree / "qwen3vl_text" / "text_json"
+    markdown, table = folder / MARKDOWN_NAME, folder / CSV_NAME
+    lines = table.read_text().splitlines(keepends=True)
+    table.write_text(lines[0] + "".join(reversed(lines[1:])))  # rows in another order
+    markdown.write_text(markdown.read_text().replace("|             5.94 |", "|            5.940 |"))
+    assert "5.940" in markdown.read_text()
+    other_format = tree_bytes(tree)
+    assert all(v == [] for v in json.loads(run_cli("report", tree, "--json").stdout)["written"].values())
+    assert tree_bytes(tree) == other_format
+    table.write_text(table.read_text().replace("45.357436", "45.357437"))  # a value the aggregates do not give
+    result = json.loads(run_cli("report", tree, "--json").stdout)
+    assert result["written"]["qwen3vl_text/text_json"] == [str(table)]
+    assert table.read_bytes() == (COMPLIED / "qwen3vl_text" / "text_json" / CSV_NAME).read_bytes()
 
 
 def test_a_merge_refreshes_the_tables_beside_the_file_it_changed(tmp_path):
@@ -61,7 +98,7 @@ def test_a_merge_refreshes_the_tables_beside_the_file_it_changed(tmp_path):
     assert (folder / CSV_NAME).read_bytes() == aggregate_tables(aggregates)[CSV_NAME] != original
     assert (folder / MARKDOWN_NAME).read_bytes() == aggregate_tables(aggregates)[MARKDOWN_NAME]
     untouched = tree / "complied" / "qwen3vl_text" / "text_json" / CSV_NAME
-    assert untouched.read_bytes() == (MINI / "results" / "complied" / "qwen3vl_text" / "text_json" / CSV_NAME).read_bytes()
+    assert untouched.read_bytes() == (COMPLIED / "qwen3vl_text" / "text_json" / CSV_NAME).read_bytes()
 
 
 def test_a_merge_writes_a_before_and_after_report_naming_every_changed_item(gappy_benchmark, tiny_model_dir):
@@ -88,7 +125,7 @@ def test_a_merge_writes_a_before_and_after_report_naming_every_changed_item(gapp
         assert str(task["id"]) in report, task
     assert "qwen3vl_text/text_json" in report and "| before" in report.replace("|   before", "| before")
     with Image.open(run_dir / "merge-report.png") as chart:
-        assert chart.size[0] >= 600 and chart.size[1] >= 400
+        assert 600 <= chart.size[0] <= 1600 and 300 <= chart.size[1] <= 1600, chart.size
 
 
 def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_show_them(tmp_path):
@@ -101,7 +138,7 @@ def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_
 
     from hpc_rerun.derived import aggregate_type_scores, overall_score
 
-    complied = MINI / "results" / "complied"
+    complied = COMPLIED
     summary, overall = {}, {}
     for variant in ("qwen3vl_text", "qwen3vl_default_pic"):
         with open(complied / variant / "modality_summary.csv") as fh:
@@ -153,14 +190,14 @@ def test_report_keeps_the_users_summary_and_a_merge_rewrites_only_the_rows_it_ch
     result = run_cli("merge-shards", "--into", tree / "complied", "--from", tree / "rerun-text_html-truncate",
                      "--recompute-aggregates")
     assert result.exit_code == 0, result.output
-    old, new = summary_lines(MINI / "results" / "complied" / "qwen3vl_text" / SUMMARY_NAME), summary_lines(summary)
+    old, new = summary_lines(COMPLIED / "qwen3vl_text" / SUMMARY_NAME), summary_lines(summary)
     assert [k for k in old if old[k] != new[k]] == ["text_html"] and list(old) == list(new)
     merged = load_result_file(tree / "complied" / "qwen3vl_text" / "text_html" / "results.json")
     scores = aggregate_type_scores(merged.data["aggregate_metrics"], merged.items)
     row = [float(v) for v in new["text_html"].split(b",")[1:]]
     assert row == pytest.approx([*scores.values(), overall_score(scores)], abs=1e-9)
     other = tree / "complied" / "qwen3vl_default_pic" / SUMMARY_NAME
-    assert other.read_bytes() == (MINI / "results" / "complied" / "qwen3vl_default_pic" / SUMMARY_NAME).read_bytes()
+    assert other.read_bytes() == (COMPLIED / "qwen3vl_default_pic" / SUMMARY_NAME).read_bytes()
 
 
 def test_report_creates_a_summary_on_request_in_the_users_shape(tmp_path):
@@ -168,7 +205,7 @@ def test_report_creates_a_summary_on_request_in_the_users_shape(tmp_path):
     from hpc_rerun.results import load_result_file
 
     tree = tmp_path / "results"
-    shutil.copytree(MINI / "results" / "complied", tree)
+    shutil.copytree(COMPLIED, tree)
     summary = tree / "qwen3vl_text" / SUMMARY_NAME
     summary.unlink()
     assert run_cli("report", tree).exit_code == 0 and not summary.exists(), "made only with --create"
@@ -180,3 +217,121 @@ def test_report_creates_a_summary_on_request_in_the_users_shape(tmp_path):
     scores = aggregate_type_scores(result.data["aggregate_metrics"], result.items)
     assert [float(v) for v in lines[1].split(",")[1:]] == [*scores.values(), overall_score(scores)]
 
+
+
+def users_pass_over_ran(config: str) -> bool:
+    """Whether a file's stored Pass counts only the items whose code ran: the users' own summary (Pass over
+    all the type's items) tells, for the ten text and mix configurations it shows."""
+    variant, leaf = config.split("/")
+    path = COMPLIED / variant / SUMMARY_NAME
+    rows = {row[""]: float(row["Visualization"]) for row in csv.DictReader(path.open())} if path.exists() else {}
+    visualization = aggregate_type_metrics(STORED[config]["aggregate_metrics"])["Visualization"]
+    return leaf in rows and abs(sum(visualization.values()) / 2 - rows[leaf]) > 0.01
+
+
+def stored_metrics(config: str):
+    """A configuration's metrics from its FULL file's stored aggregates, its Pass rule as the users' summary
+    shows it (the fixture holds excerpts of the items, which cannot show it)."""
+    metrics = aggregate_type_metrics(STORED[config]["aggregate_metrics"])
+    if users_pass_over_ran(config):
+        metrics["Visualization"]["Pass"] *= metrics["Visualization"]["ECR"] / 100
+    return metrics
+
+
+def test_the_paper_table_comes_out_byte_for_byte_from_every_configurations_aggregates():
+    """results_table.tex as the users' notebook wrote it from the items of 11 FULL files, from the aggregates
+    those files store (two of them count Pass over the items whose code ran; the table over all)."""
+    from hpc_rerun.paper_table import ROWS, render
+
+    assert [c for c in ROWS if users_pass_over_ran(c)] == ["qwen3vl_text/text_json", "qwen3vl_default_pic/mix_json"]
+    assert render({c: stored_metrics(c) for c in ROWS}).encode() == (COMPLIED / "results_table.tex").read_bytes()
+
+
+def test_report_makes_the_paper_table_only_with_create_in_the_users_layout(tmp_path):
+    tree = tmp_path / "results"
+    shutil.copytree(COMPLIED, tree)
+    table = tree / "results_table.tex"
+    users = table.read_text().split("\n")
+    table.unlink()
+    result = json.loads(run_cli("report", tree, "--json").stdout)
+    assert result["written"]["paper table"] == [] and not table.exists()
+    result = json.loads(run_cli("report", tree, "--create", "--json").stdout)
+    assert result["written"]["paper table"] == [str(table)]
+    made = table.read_text().split("\n")
+    assert made[:10] == users[:10] and made[-4:] == users[-4:], "the users' header and footer, no final newline"
+    rows = {line.split(" & ")[1]: line for line in made[10:-4]}
+    assert list(rows) == ["Text (HTML)", "Text (JSON)", "Mix (Markdown)"], "the configurations of this tree, in order"
+    for label in ("Text (HTML)", "Mix (Markdown)"):  # from the excerpts' stored (full) aggregates
+        assert rows[label] == next(line for line in users if f" & {label} & " in line)
+
+
+def test_a_merge_rewrites_the_paper_table_cells_it_changed_and_nothing_else(tmp_path):
+    from hpc_rerun.paper_table import row_cells
+    from hpc_rerun.results import load_result_file
+
+    tree = tmp_path / "results"
+    shutil.copytree(MINI / "results", tree)
+    table = tree / "complied" / "results_table.tex"
+    before = table.read_text().split("\n")
+    result = run_cli("merge-shards", "--into", tree / "complied", "--from", tree / "rerun-text_html-truncate",
+                     "--recompute-aggregates")
+    assert result.exit_code == 0, result.output
+    after = table.read_text().split("\n")
+    assert [n for n, (old, new) in enumerate(zip(before, after)) if old != new] == [11] and len(after) == len(before)
+    merged = load_result_file(tree / "complied" / "qwen3vl_text" / "text_html" / "results.json")
+    cells = row_cells(aggregate_type_metrics(merged.data["aggregate_metrics"], merged.items))
+    assert after[11] == " & Text (HTML) & " + " & ".join(cells) + r" \\"
+
+
+def merge_rows(configs: list[str], changed_every: int = 3) -> list[dict]:
+    """Before/after rows as a merge reports them, from the users' stored scores with a few changes."""
+    from hpc_rerun.derived import aggregate_type_scores
+
+    rows = []
+    for n, config in enumerate(configs):
+        for m, (question_type, score) in enumerate(aggregate_type_scores(STORED[config]["aggregate_metrics"]).items()):
+            ids = [1000 + 10 * n + m] if (n + m) % changed_every == 0 else []
+            rows.append({"config": config, "question_type": question_type, "before": score,
+                         "after": score + (0.37 if ids else 0.0), "changed": ids})
+    return rows
+
+
+@pytest.mark.parametrize("count", [12, 1])
+def test_the_merge_report_is_a_heat_map_per_variant_readable_at_any_size(tmp_path, count):
+    """The users' 12-configuration merge and a 1-configuration one: one panel per variant, a line per
+    configuration, a picture of a size a screen shows whole; the Markdown names every change."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from hpc_rerun.derived import merge_figure, write_merge_report
+
+    configs = [c for c, stored in STORED.items() if stored["aggregate_metrics"]][:count]
+    rows = merge_rows(configs)
+    markdown, chart = write_merge_report(tmp_path / "merge-report", rows)
+    with Image.open(chart) as image:
+        assert 600 <= image.size[0] <= 1600 and 300 <= image.size[1] <= 1600, image.size
+    figure = merge_figure(rows)
+    panels = [axis for axis in figure.axes if axis.get_label() != "<colorbar>"]
+    variants = sorted({c.split("/")[0] for c in configs})
+    assert sorted(axis.get_title(loc="left") for axis in panels) == variants
+    assert sorted(label.get_text() for axis in panels for label in axis.get_yticklabels()) == \
+        sorted(c.split("/")[1] for c in configs)
+    plt.close(figure)
+    text = markdown.read_text()
+    for row in rows:
+        assert row["config"] in text and all(str(i) in text for i in row["changed"])
+
+
+def test_a_configuration_the_users_summary_does_not_show_gets_a_row_only_with_create(tmp_path):
+    """Their default_pic summary has no image row though default_pic/image exists: report keeps it so;
+    --create adds the row where the users' order puts it, every other line byte for byte."""
+    tree = tmp_path / "results"
+    shutil.copytree(COMPLIED, tree)
+    shutil.copytree(COMPLIED / "qwen3vl_resize_pic" / "image", tree / "qwen3vl_default_pic" / "image")
+    summary = tree / "qwen3vl_default_pic" / SUMMARY_NAME
+    before = tree_bytes(tree)
+    result = run_cli("report", tree)
+    assert result.exit_code == 0 and tree_bytes(tree) == before, result.output
+    assert run_cli("report", tree, "--create").exit_code == 0
+    old, new = before[summary].decode().splitlines(), summary.read_text().splitlines()
+    assert new[1].startswith("image,") and [new[0], *new[2:]] == old
