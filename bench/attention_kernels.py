@@ -84,7 +84,7 @@ def engine_split(q, k, v, keys):
     """The engine's split_prefill (stacked query heads for the earlier keys) on cuDNN."""
     import functools
 
-    from hpc_rerun.inference.packed import cudnn_attend, split_prefill
+    from hpc_rerun.inference.engine.attention import cudnn_attend, split_prefill
 
     return split_prefill(q, k, v, 0, keys, functools.partial(cudnn_attend, scale=SCALE))
 
@@ -193,7 +193,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
     for row in rows:
         print(f"piece {row['piece']:>6} {row['variant']:<18} " + (
-            row.get("error") or f"{row['tflops']:>6} TFLOP/s  {row['prompt_prefill_attention_s']:>6} s/prompt (36 layers)"
+            row.get("error")
+            or f"{row['tflops']:>6} TFLOP/s  {row['prompt_prefill_attention_s']:>6} s/prompt (36 layers)"
                                 f"  err {row['rel_error']:.1e}"))
 
 

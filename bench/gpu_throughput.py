@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from hpc_rerun.benchmark import Task
-from hpc_rerun.inference.engine import Engine, Request, fit_image
+from hpc_rerun.inference.engine import Engine, Request
 from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text
 
 NEW_TOKENS = 128
@@ -114,13 +114,13 @@ def workload(engine: Engine, rng: random.Random) -> list[tuple[str, Request]]:
     greedy = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
     tok = engine.tokenizer
     requests = []
-    for n in range(16):
+    for _ in range(16):
         requests.append(("text-3k", Request(build_prompt_text(task, "text", "csv", table_of(tok, 3000, rng),
                                                               DEFAULT_PROMPTS), None, greedy)))
         requests.append(("text-16k", Request(build_prompt_text(task, "text", "csv", table_of(tok, 16000, rng),
                                                                DEFAULT_PROMPTS), None, greedy)))
         noise = Image.frombytes("RGB", (1600, 1200), rng.randbytes(1600 * 1200 * 3))
-        image = fit_image(noise, None, None)
+        image = engine.fit_image(noise, None, None)
         requests.append(("image", Request(build_prompt_text(task, "image", None, None, DEFAULT_PROMPTS), image,
                                           greedy)))
         requests.append(("image+text-3k", Request(build_prompt_text(task, "mix", "csv", table_of(tok, 3000, rng),
@@ -207,16 +207,17 @@ def text_3k_against_ceiling(engine: Engine, args, rng: random.Random, parameters
 
 def compare_key_pieces(engine: Engine, requests: list[Request], args, seed_rate: float) -> list[dict]:
     """The whole workload (CUDA graphs on) at other decode key-piece sizes than the default."""
-    from hpc_rerun.inference import packed
+    from hpc_rerun.inference.engine import generator
 
-    default, rows = packed.KEY_PIECE, []
+    default, rows = generator.KEY_PIECE, []
     engine.packed.cuda_graphs = True
     for size in [int(x) for x in args.key_pieces.split(",") if x and int(x) != default]:
-        packed.KEY_PIECE = size
+        generator.KEY_PIECE = size
         seconds, _, _ = run_engine(engine, requests, args.total_gib)
-        rows.append({"key_piece": size, "seconds": round(seconds, 1), "speedup": round(len(requests) / seconds / seed_rate, 2)})
+        rows.append({"key_piece": size, "seconds": round(seconds, 1),
+                     "speedup": round(len(requests) / seconds / seed_rate, 2)})
         print(json.dumps(rows[-1]), flush=True)
-    packed.KEY_PIECE = default
+    generator.KEY_PIECE = default
     return rows
 
 
@@ -261,12 +262,10 @@ def main() -> None:
     requests = workload(engine, rng)
     report["prompt_tokens"] = {kind: statistics.mean(r.prompt_tokens for k, r in requests if k == kind)
                                for kind in ("text-3k", "text-16k", "image", "image+text-3k")}
-    from hpc_rerun.inference.packed import _flash_agrees
-
-    report["flash_varlen"] = _flash_agrees(engine.device, engine.model.dtype)
+    report["attention"] = engine.packed.attention.name
     report["flash_schema"] = str(torch.ops.aten._flash_attention_forward.default._schema)
     seed_way(engine, requests[0][1])  # warm-up: kernels, allocator, cuBLAS handles
-    engine.generate([r for _, r in requests[:4]])
+    engine.generate_encoded(engine.encode([r for _, r in requests[:4]]))
     start = time.perf_counter()
     engine.encode([r for _, r in requests])
     report["encode_all_s"] = round(time.perf_counter() - start, 2)  # the processor's CPU work, for reference
@@ -282,7 +281,7 @@ def main() -> None:
     answers_by_mode = {}
     for graphs in [g == "on" for g in args.cuda_graphs.split(",")]:
         engine.packed.cuda_graphs = graphs
-        engine.generate([r for _, r in requests[:4]])  # warm-up of this mode
+        engine.generate_encoded(engine.encode([r for _, r in requests[:4]]))  # warm-up of this mode
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         everything = [r for _, r in requests]

@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from gpu_throughput import build_and_save
-from hpc_rerun.inference.engine import ACTIVATION_BYTES_PER_TOKEN, Engine
-from hpc_rerun.inference.packed import Prompt, Sampling, _flash_agrees, kv_bytes_per_token
+
+from hpc_rerun.inference.engine import Engine
+from hpc_rerun.inference.engine.kernels import flash_agrees
+from hpc_rerun.inference.engine.memory import ACTIVATION_BYTES_PER_TOKEN, kv_bytes_per_token
+from hpc_rerun.inference.engine.sampling import Sampling
+from hpc_rerun.inference.engine.sequences import Prompt
 
 
 class Capturing(Sampling):
@@ -61,7 +64,7 @@ def main() -> None:
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     report["build"] = build_and_save(args.processor, args.model_dir)
     engine = Engine(str(args.model_dir), dtype="bfloat16")
-    report["flash_varlen"] = _flash_agrees(engine.device, engine.model.dtype)
+    report["flash_varlen"] = flash_agrees(engine.device, engine.model.dtype)
     generate(engine, random_prompt(2048, 0), 16384)  # warm-up
 
     prompt = random_prompt(65_536, 1)
@@ -81,7 +84,8 @@ def main() -> None:
     report["long"] = {"tokens": args.tokens, "seconds": round(seconds, 1),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 1),
                       "predicted_gib": round(predicted, 1),
-                      "prompt_budget_80gb_card": engine.token_budget({"do_sample": False, "max_new_tokens": 4096}, 79.6)}
+                      "prompt_budget_80gb_card": engine.token_budget({"do_sample": False, "max_new_tokens": 4096},
+                                                                     79.6)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "long_prompt.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hpc_rerun.inference.packed import KeySplit, Layout, _reference, split_prefill
+from hpc_rerun.inference.engine.attention import KeySplit, Layout, sdpa_loop, split_prefill
 
 
 def exact_attend(q, k, v, causal: bool, scale: float):
@@ -24,10 +24,7 @@ def test_split_prefill_equals_attention_over_the_whole_region():
     scale = dim**-0.5
     for start, keys, n in ((5, 90, 30), (17, 30, 30), (0, 150, 1 + 64)):  # a later piece, a first piece, odd sizes
         q = torch.randn(n, heads, dim)
-        layout = Layout(pool=pool, slots=torch.empty(0), cu_q=torch.tensor([0, n]), starts=torch.tensor([start, start + keys]),
-                        used=torch.tensor([keys]), max_q=n, max_k=keys, host_cu_q=[0, n],
-                        host_starts=[start, start + keys], host_used=[keys])
-        expected = _reference(q, pool[0], pool[1], layout, scale)
+        expected = sdpa_loop(q, pool[0], pool[1], Layout.lone(pool, start, n, keys), scale)
         got = split_prefill(q, pool[0], pool[1], start, keys, lambda *a: exact_attend(*a, scale=scale))
         assert torch.allclose(got, expected, atol=1e-5), (start, keys, n, (got - expected).abs().max())
 

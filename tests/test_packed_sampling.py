@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from hpc_rerun.inference import packed
 from hpc_rerun.inference.engine import Engine, Request
+from hpc_rerun.inference.engine import sampling as packed_sampling
 from hpc_rerun.plan import RunSettings
 
 PROMPTS = ["Is the total of column b larger than 40? a,b\n1,2\n3,4\n5,6", "Which row has the largest a? a,b\n7,1\n2,9",
@@ -44,9 +44,9 @@ def packed_ids(engine: Engine, texts: list[str], generation: dict, seed: int | N
 def test_the_real_models_generation_config_runs_packed(engine, caplog):
     """Qwen3-VL-8B-Instruct ships repetition_penalty 1.0 (no penalty): that is no reason for HF generate."""
     assert engine.model.generation_config.repetition_penalty == 1.0
-    packed._say_fallback.cache_clear()
+    packed_sampling._say_fallback.cache_clear()
     with caplog.at_level(logging.WARNING):
-        sampling = engine.sampling(RunSettings(model="m").generation)
+        sampling = engine.sampling(RunSettings(model="m").generation.hf_kwargs())
     assert sampling is not None and "need HF generate" not in caplog.text
     assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty) == (0.7, 20, 0.8, 1.0)
     assert sampling.eos_token_ids == list(engine.model.generation_config.eos_token_id)
@@ -87,7 +87,7 @@ def test_min_p_of_one_keeps_only_the_best_token(engine):
 
 @pytest.mark.parametrize("setting", [{"num_beams": 2}, {"no_repeat_ngram_size": 2}])
 def test_what_only_hf_can_do_falls_back_and_is_named(engine, caplog, setting):
-    packed._say_fallback.cache_clear()
+    packed_sampling._say_fallback.cache_clear()
     generation = {"do_sample": False, "max_new_tokens": 6, **setting}
     with caplog.at_level(logging.WARNING):
         encoded = engine.encode([Request(t, None, generation) for t in PROMPTS])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hpc_rerun.benchmark import Task
 from hpc_rerun.inference.engine import TABLE_SLOT, Engine, Request
-from hpc_rerun.inference.packed import SHARE_MIN_TOKENS, shared_prefix
+from hpc_rerun.inference.engine.sequences import SHARE_MIN_TOKENS, shared_prefix
 from hpc_rerun.inference.prompts import DEFAULT_PROMPTS, build_prompt_text
 from hpc_rerun.inference.tables import TableCache
 
