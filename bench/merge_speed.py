@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -22,11 +23,14 @@ from pathlib import Path
 
 from hpc_rerun.atomic import dump_json
 from hpc_rerun.benchmark import load_tasks
-from hpc_rerun.merge import merge, shard_records
+from hpc_rerun.merge import merge
 from hpc_rerun.results import item_ok, load_result_file
+from hpc_rerun.rundir import RecordWriter, RunDir
 from hpc_rerun.scan import discover_configs
-from hpc_rerun.rundir import RecordWriter
-from hpc_rerun.synthetic import make_item, write_full_size_tree
+from hpc_rerun.synthetic import make_item
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' tree builder
+from tests.trees import write_full_size_tree  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent.parent / "tests/fixtures/realhitbench-mini/QA_final_sc_filled.json"
 
@@ -59,7 +63,7 @@ def load_and_dump(files: list[Path]) -> float:
 def run_merge(tree: Path, run_dir: Path) -> float:
     start = time.perf_counter()
     files = {c.name: p for c, p in discover_configs(tree)[0].items()}
-    reports = merge(files, shard_records(run_dir), results_root=tree, run_dir=run_dir)
+    reports = merge(files, RunDir(run_dir).records(), results_root=tree, run=RunDir(run_dir))
     elapsed = time.perf_counter() - start
     assert all(r.changed and not r.problem for r in reports), reports
     return elapsed

@@ -95,12 +95,14 @@ def run_once(work: Path, pristine: Path, model_dir: Path, gpus: list[str], new_t
             workers[shard] = {"pid": state.get("pid"), "gpu": state.get("gpu"),
                               "nvidia_smi_gpus": sorted(sampler.gpus_of_pid.get(state.get("pid"), ()))}
     scan = json.loads(subprocess.run([*HPC_RERUN, "scan", root / "results", "--data-root", root / "data", "--tasks",
-                                      root / "QA_final_sc_filled.json", "--json"], capture_output=True, text=True).stdout)
+                                      root / "QA_final_sc_filled.json", "--json"],
+                                     capture_output=True, text=True).stdout)
     absent = sum(len(c["absent"]) for c in scan["configs"])
     errors = {cls for c in scan["configs"] for cls in c["errors"]}
     tasks = sum(len(rs) for rs in records.values())
     return {"gpus": gpus, "exit_code": proc.returncode, "wall_s": round(wall, 1), "tasks": tasks,
-            "tasks_per_s": round(tasks / wall, 4), "peak_gib": {g: round(m / 1024, 1) for g, m in sampler.peak_mib.items()},
+            "tasks_per_s": round(tasks / wall, 4),
+            "peak_gib": {g: round(m / 1024, 1) for g, m in sampler.peak_mib.items()},
             "seen_inside_workers": seen_inside, "workers": workers, "absent_after_merge": absent,
             "error_classes_after_merge": sorted(errors), "stderr_tail": proc.stderr[-2000:]}
 
@@ -134,7 +136,8 @@ def main() -> None:
     write_benchmark(pristine, random.Random(0), copies=args.copies or len(gpus))
     model_dir = args.work / "qwen3vl-8b-random"
     report = {"date": time.strftime("%Y-%m-%d"), "card": subprocess.run(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")[0],
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        capture_output=True, text=True).stdout.split("\n")[0],
         "build": build_and_save(args.processor, model_dir)}
     (model_dir / "generation_config.json").write_text(json.dumps(QWEN3_VL_GENERATION))
     report["one_gpu"] = run_once(args.work, pristine, model_dir, gpus[:1], args.new_tokens)

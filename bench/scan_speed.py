@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hpc_rerun.benchmark import load_tasks
 from hpc_rerun.scan import discover_configs, scan_tree
-from hpc_rerun.synthetic import write_full_size_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' tree builder
+from tests.trees import write_full_size_tree  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent.parent / "tests/fixtures/realhitbench-mini/QA_final_sc_filled.json"
 def time_json_load(files: list[Path]) -> float:

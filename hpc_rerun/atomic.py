@@ -5,23 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import tempfile
 from pathlib import Path
-
-# Crash-safety tests set HPC_RERUN_FAULT_AT=N: the N-th fault point SIGKILLs this process.
-_FAULT_AT = int(os.environ.get("HPC_RERUN_FAULT_AT", "0") or 0)
-_faults_passed = 0
-
-
-def fault_point(label: str) -> None:
-    """A place where a crash must leave every file whole (a no-op unless the test hook is set)."""
-    global _faults_passed
-    if _FAULT_AT:
-        _faults_passed += 1
-        if _faults_passed == _FAULT_AT:
-            os.write(2, f"fault injected at {label}\n".encode())
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -47,18 +32,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data[: len(data) // 2])
-            fault_point(f"{path}: half written")
-            fh.write(data[len(data) // 2:])
+            fh.write(data)
             fh.flush()
             os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
-        fault_point(f"{path}: temp file complete")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fault_point(f"{path}: renamed")
     _fsync_dir(path.parent)
 
 

@@ -10,14 +10,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.progress import Progress
 
 from . import __version__
+from .backends import AlreadySubmitted, BackendUnavailable, SubmitOptions, backend, cancel_all, choose, submit_attempt
+from .backends.slurm import SlurmOptions
 from .benchmark import DEFAULT_TASK_LIST, BenchmarkError
-from .options import PlanChoices, ScanInputs, SlurmFlags, UsageProblem, parse_run_dir
+from .demo import run_demo
+from .inference.tinymodel import build_tiny_qwen3vl
+from .merge import MergeLocked, merge_run
+from .options import PlanChoices, ScanInputs, SlurmChoices, UsageProblem, parse_run_dir
+from .pipeline import run_pipeline
+from .plan import plan_shards, write_run
+from .report import regenerate
+from .rescore import rescore as rescore_tree
+from .resubmit import resubmit as resubmit_run
+from .rundir import NotARunDir, RunDir, RunDirError
+from .scan import rescan_after_merge, write_skip_reports
+from .status import status_round, to_json
+from .views import print_merge, print_plan, print_scan, print_status, report_lines, rescore_lines
 
 HELP = """Finish a large VLM evaluation on a Slurm cluster.
 
@@ -39,9 +57,6 @@ DEV_CLUSTER_PROFILE = Path(__file__).resolve().parent / "profiles" / "dev-cluste
 def handles_errors(command):
     """A step's error as one line and an exit code: bad usage 2 (click's), unreadable input or an unusable
     executor 3."""
-    from .backends import AlreadySubmitted, BackendUnavailable
-    from .merge import MergeLocked
-    from .rundir import NotARunDir
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -49,7 +64,7 @@ def handles_errors(command):
             return command(*args, **kwargs)
         except (UsageProblem, AlreadySubmitted) as err:
             raise click.UsageError(str(err)) from None
-        except (BenchmarkError, NotARunDir, BackendUnavailable, MergeLocked) as err:
+        except (BenchmarkError, NotARunDir, RunDirError, BackendUnavailable, MergeLocked) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_BAD_INPUT)
 
@@ -79,7 +94,8 @@ scan_inputs = option_group("inputs", ScanInputs, [
     click.option("--tasks", "task_list", type=click.Path(path_type=Path),
                  help=f"Task list; default: {DEFAULT_TASK_LIST} in or beside the data root."),
     click.option("--project", "project_file", type=click.Path(path_type=Path),
-                 help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs]."),
+                 help="Project file (TOML) with results_root, data_root, tasks, [variants], [configs], [runs], "
+                      "[protocols]."),
     click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR[=CONFIG]",
                  help="A run directory (results_*.json, checkpoint.json) whose answers count too."),
     click.option("--config", "only", multiple=True, metavar="NAME", help="Only this configuration (repeatable)."),
@@ -95,27 +111,35 @@ plan_choices = option_group("choices", PlanChoices, [
     click.option("--greedy", is_flag=True,
                  help="Greedy decoding (default: the users' sampling: T 0.7, top-p 0.8, top-k 20)."),
     click.option("--max-new-tokens", type=int, default=4096, show_default=True),
-    click.option("--token-budget", type=int, help="Prompt tokens per task before truncation [default: from the GPU's memory]."),
+    click.option("--token-budget", type=int,
+                 help="Prompt tokens per task before truncation [default: from the GPU's memory]."),
+    click.option("--max-input-tokens", type=int, metavar="N",
+                 help="The users' truncation rule instead of ours: cut the table when the chat-templated text message "
+                      "(image not counted) has more than N tokens, by their line steps (their OOM reruns: 200000)."),
     click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=Path("logs"), show_default=True,
                  help="Where run directories are created."),
 ])
 
-slurm_flags = option_group("slurm", SlurmFlags, [
-    click.option("--profile", type=click.Path(dir_okay=False, path_type=Path),
-                 help="Site profile (TOML): partition, gres, time, memory, setup lines; see slurm/profiles/."),
-    click.option("--partition", help="Slurm partition."),
-    click.option("--gres", help="GPU GRES per array element [default: gpu:a100:1]."),
-    click.option("--cpus", "cpus_per_task", type=int, help="CPUs per element."),
-    click.option("--mem-gb", type=int, help="Host memory per element (GB)."),
-    click.option("--time-min", type=int, help="Time limit per element (minutes)."),
-    click.option("--array-parallelism", type=int, help="Elements running at once."),
-    click.option("--account", help="Slurm account."),
-    click.option("--qos", help="Slurm QoS."),
-    click.option("--sbatch", "extra_sbatch", multiple=True, metavar="KEY=VALUE",
-                 help="Extra sbatch option, e.g. --sbatch constraint=a100_80gb (repeatable)."),
-    click.option("--setup", multiple=True, metavar="LINE",
-                 help="Shell line run before the worker, e.g. 'module load cuda' (repeatable)."),
-])
+def slurm_flags(command):
+    """``--profile`` and one flag per ``SlurmOptions`` field that has one (its metadata: flag, help), handed to
+    the command as ``slurm``: SlurmChoices."""
+    declared = [f for f in dataclasses.fields(SlurmOptions) if f.metadata["flag"]]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        flags = {f.name: kwargs.pop(f.name) for f in declared}
+        return command(slurm=SlurmChoices(kwargs.pop("profile"), flags), **kwargs)
+
+    for f in reversed(declared):
+        repeatable = f.metadata["repeatable"]
+        kind = int if "int" in str(f.type) else str
+        metavar = ("KEY=VALUE" if f.name == "extra_sbatch" else "LINE") if repeatable else None
+        wrapper = click.option(f.metadata["flag"], f.name, type=kind, multiple=repeatable, help=f.metadata["help"],
+                               metavar=metavar)(wrapper)
+    return click.option("--profile", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Site profile (TOML): partition, gres, time, memory, setup lines; see slurm/profiles/."
+                        )(wrapper)
+
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 parallel_flag = click.option("--parallel", type=int, default=1, show_default=True,
@@ -149,8 +173,6 @@ def build_tiny_model(out_dir: Path, seed: int, answer: str | None) -> None:
     It loads with Qwen3VLForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained,
     exactly like Qwen3-VL-8B-Instruct, and needs no model hub. Tests and the demo use it.
     """
-    from .inference.tinymodel import build_tiny_qwen3vl
-
     click.echo(f"tiny Qwen3-VL written to {build_tiny_qwen3vl(out_dir, seed=seed, answer=answer)}")
 
 
@@ -173,9 +195,6 @@ def scan(inputs: ScanInputs, as_json, write_reports, fail_on_gaps):
       hpc-rerun scan result/complied --data-root data --run-dir result/rerun-text_html --json
       hpc-rerun scan --project hpc-rerun.toml --write-reports --fail-on-gaps
     """
-    from .scan import write_skip_reports
-    from .views import print_scan
-
     project, report = inputs.scan()
     written = write_skip_reports(report) if write_reports else []
     if as_json:
@@ -200,9 +219,7 @@ def worker(spec, verbose):
     one record per task. Safe to rerun: it resumes where the file ends. This is what each Slurm array
     element runs. Generation settings are the spec's (set by `plan`), so every attempt uses the same.
     """
-    import logging
-
-    from .inference.worker import run_shard
+    from .inference.worker import run_shard  # torch and transformers: only the worker pays for them
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     click.echo(json.dumps(run_shard(spec)))
@@ -216,7 +233,7 @@ def worker(spec, verbose):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @slurm_flags
 @handles_errors
-def plan(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmFlags, run_id, dry_run, as_json):
+def plan(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmChoices, run_id, dry_run, as_json):
     """Turn the runnable gaps into cost-balanced shards and a run directory logs/<run-id>/.
 
     Scans first (same inputs as `scan`), estimates each runnable task's GPU seconds on this engine
@@ -225,24 +242,20 @@ def plan(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmFlags, run_id, dr
     estimated GPU hours and wall time, and packs tasks of all configurations into shards, longest
     first. Then `hpc-rerun submit logs/<run-id>`.
     """
-    from .backends.slurm import sbatch_preview
-    from .plan import plan_shards, write_run
-    from .views import print_plan
-
     options = slurm.resolve()
     project, report = inputs.scan()
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
-    settings = choices.settings()
+    settings = choices.settings(project)
     planned = plan_shards(report, project.variant, settings, choices.n_shards, choices.target_hours)
     if planned is None:
         click.echo("nothing to rerun: no configuration has runnable gaps")
         sys.exit(EXIT_BAD_INPUT if report.problems else 0)
-    run = None if dry_run else write_run(choices.logs, report, planned.shards, settings, project.variant, options,
-                                         run_id)
+    run = None if dry_run else write_run(choices.logs, report, planned.shards, settings, project.variant,
+                                         options.to_dict(), run_id)
+    run_path = run.path if run else choices.logs / "<run-id>"
     outline = {"run_dir": str(run.path) if run else None, **planned.outline(),
-               "sbatch": sbatch_preview(options, run.path if run else choices.logs / "<run-id>",
-                                        len(planned.shards)).splitlines()}
+               "sbatch": options.sbatch_lines(run_path.name, len(planned.shards), run_path / "submitit")}
     if as_json:
         click.echo(json.dumps(outline, indent=2))
     else:
@@ -257,20 +270,17 @@ def plan(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmFlags, run_id, dr
 @click.option("--attempt", "number", type=int, help="Which attempt to submit [default: the latest].")
 @slurm_flags
 @handles_errors
-def submit(run_dir, executor, parallel, number, slurm: SlurmFlags):
+def submit(run_dir, executor, parallel, number, slurm: SlurmChoices):
     """Submit a planned run: one Slurm job array (each element one shard on its own GPU), or --executor local.
 
     Returns at once with the job id; watch with `hpc-rerun status RUN_DIR --watch`.
     """
-    from .backends import SubmitOptions, submit_attempt
-    from .rundir import RunDir
-
-    run = RunDir(run_dir)
-    try:
-        attempt = run.attempt(number)
-    except ValueError as err:
-        raise UsageProblem(str(err)) from None
-    options = SubmitOptions(slurm=slurm.resolve(attempt.slurm or run.load().get("slurm")), parallel=parallel)
+    run = RunDir.open(run_dir)
+    plan = run.plan()
+    if number is not None and not 1 <= number <= len(plan.attempts):
+        raise UsageProblem(f"{run_dir}: no attempt {number} (it has {len(plan.attempts)})")
+    attempt = plan.attempts[(number or len(plan.attempts)) - 1]
+    options = SubmitOptions(slurm=slurm.resolve(attempt.slurm or plan.slurm), parallel=parallel)
     click.echo(f"attempt {attempt.number}: {submit_attempt(attempt, executor, options)}")
     click.echo(f"watch: hpc-rerun status {run_dir} --watch")
 
@@ -287,20 +297,14 @@ def status(run_dir, watch, interval, as_json):
     States come from sacct cross-checked with squeue (LOST: gone from both after a grace period);
     done/total from the shard files. Exit 0 when finished with nothing left to rerun, 1 otherwise.
     """
-    import time
-
-    from .rundir import RunDir
-    from .status import gather, summary, to_json
-    from .views import print_status
-
-    RunDir(run_dir).load()
+    run = RunDir.open(run_dir)
     while True:
-        statuses = gather(run_dir)
-        totals = summary(run_dir, statuses)
+        status = status_round(run)
+        totals = status.totals
         if as_json:
-            click.echo(json.dumps(to_json(run_dir, statuses), indent=2))
+            click.echo(json.dumps(to_json(status), indent=2))
         else:
-            print_status(run_dir, statuses, totals)
+            print_status(run_dir, status.shards, totals)
         if not watch or totals["finished"]:
             break
         time.sleep(interval)
@@ -324,11 +328,9 @@ def resubmit(run_dir, retry_errors, partition, shards, parallel, no_submit):
     Shards that are pending or running are never touched. After TIMEOUT or a lost element: twice the
     time and smaller shards; after OUT_OF_MEMORY: more memory. Submits the way the run was submitted.
     """
-    from .backends import BackendUnavailable
-    from .resubmit import resubmit as resubmit_run
-
     try:
-        attempt, entries, line = resubmit_run(run_dir, parallel, retry_errors, partition, shards, not no_submit)
+        attempt, entries, line = resubmit_run(RunDir.open(run_dir), parallel, retry_errors, partition, shards,
+                                              not no_submit)
     except BackendUnavailable as err:
         click.echo(f"error: {err}\nthe new attempt is written; submit it with `hpc-rerun submit {run_dir}` "
                    "where Slurm is, or `--executor local`", err=True)
@@ -347,10 +349,7 @@ def resubmit(run_dir, retry_errors, partition, shards, parallel, no_submit):
 @handles_errors
 def cancel(run_dir):
     """Stop every job of a run (scancel for Slurm, the local pool otherwise). Shard files are kept."""
-    from .backends import cancel_all
-    from .rundir import RunDir
-
-    cancelled = cancel_all(RunDir(run_dir).attempts())
+    cancelled = cancel_all(RunDir.open(run_dir).attempts())
     click.echo(f"cancelled: {', '.join(cancelled)}" if cancelled else "nothing to cancel")
 
 
@@ -364,18 +363,12 @@ def cancel(run_dir):
 @parallel_flag
 @slurm_flags
 @handles_errors
-def run_command(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmFlags, executor, max_attempts, parallel):
+def run_command(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmChoices, executor, max_attempts, parallel):
     """All of it in one command: scan, plan, submit, live progress, resubmit, merge, scan again.
 
     Ctrl-C leaves the jobs running and prints how to reattach (status, merge-shards).
     Exit 0 when no runnable gap is left, 1 when some are, 3 when an input could not be read.
     """
-    from rich.console import Console
-
-    from .backends import SubmitOptions, backend, choose
-    from .pipeline import run_pipeline
-    from .views import print_scan
-
     console = Console()
     options = SubmitOptions(slurm=slurm.resolve(), parallel=parallel)
     project, report = inputs.scan()
@@ -384,7 +377,7 @@ def run_command(inputs: ScanInputs, choices: PlanChoices, slurm: SlurmFlags, exe
     console.print(f"executor: {executor} ({why}; choose with --executor slurm|local)", highlight=False)
     backend(executor).check()
     try:
-        run_dir = run_pipeline(report, project.variant, choices.settings(), logs=choices.logs, executor=executor,
+        run_dir = run_pipeline(report, project.variant, choices.settings(project), logs=choices.logs, executor=executor,
                                options=options, shards=choices.n_shards, target_hours=choices.target_hours,
                                max_attempts=max_attempts, console=console)
     except KeyboardInterrupt:
@@ -413,10 +406,6 @@ def demo(directory, executor):
     whose weights are set to always answer '[Final Answer]: Yes'. Then it runs `hpc-rerun run` on it
     and shows the scan before and after.
     """
-    from rich.console import Console
-
-    from .demo import run_demo
-
     if run_demo(directory, executor, DEV_CLUSTER_PROFILE, Console()):
         sys.exit(EXIT_GAPS)
 
@@ -455,16 +444,13 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
       hpc-rerun merge-shards logs/20261127-1130-ab12
       hpc-rerun merge-shards --into result/complied --from result/rerun-text_html=qwen3vl_text/text_html
     """
-    from .merge import merge_run
-    from .scan import rescan_after_merge
-    from .views import print_merge, print_scan
-
     if run_dir is not None and not run_dir.is_dir():
         raise UsageProblem(f"{run_dir}: no such run directory")
     if run_dir is None and not sources:
         raise UsageProblem("nothing to merge: give a run directory and/or --from DIR")
     try:
-        reports, problems, plan = merge_run(run_dir, results_root, [parse_run_dir(v) for v in sources],
+        reports, problems, plan = merge_run(RunDir(run_dir) if run_dir else None, results_root,
+                                            [parse_run_dir(v) for v in sources],
                                             overwrite=overwrite, force=force, dry_run=dry_run,
                                             with_provenance=not no_provenance,
                                             recompute_aggregates=recompute_aggregates)
@@ -475,8 +461,8 @@ def merge_shards(run_dir, results_root, sources, data_root, task_list, overwrite
                               indent=2))
     else:
         print_merge(reports, dry_run)
-    data_root = data_root or (Path(plan["data_root"]) if plan.get("data_root") else None)
-    task_list = task_list or (Path(plan["task_list"]) if plan.get("task_list") else None)
+    data_root = data_root or (Path(plan.data_root) if plan.data_root else None)
+    task_list = task_list or (Path(plan.task_list) if plan.task_list else None)
     if not dry_run and data_root and task_list and not as_json:
         print_scan(rescan_after_merge(reports, plan, data_root, task_list))
     echo_problems([r.aggregates_kept for r in reports] + [w for r in reports for w in r.summary_kept], problems)
@@ -507,11 +493,6 @@ def rescore(results_root, data_root, only, write, recompute_aggregates, jobs, as
       hpc-rerun rescore result/complied --data-root data
       hpc-rerun rescore result/complied --data-root data --config qwen3vl_text/text_csv --write
     """
-    from rich.progress import Progress
-
-    from .rescore import rescore as rescore_tree
-    from .views import rescore_lines
-
     with Progress(transient=True, disable=as_json) as bar:
         task = bar.add_task("rescoring", total=None)
         reports = rescore_tree(results_root, data_root, write=write, recompute=recompute_aggregates,
@@ -540,11 +521,15 @@ def report_command(results_root, create, charts, dry_run, as_json):
 
     Beside <variant>/<config>/results*.json: aggregate_metrics.csv (6 decimals) and aggregate_metrics.md
     (2 decimals), in the users' own shapes (rows by question type, then Overall; EM, F1, ROUGE-L,
-    SacreBLEU, Pass, ECR, ProcessingTime). Files that exist are rewritten when they differ (atomically);
-    --create writes them where there are none. Per variant, <variant>/modality_summary.csv: per configuration
+    SacreBLEU, Pass, ECR, then the others). A file that exists is rewritten (atomically) only when a value
+    it shows differs from the aggregates, whatever its number format or row order; --create writes them
+    where there are none. Per variant, <variant>/modality_summary.csv: per configuration
     the users' score per question type (mean of EM and F1; Data Analysis with ROUGE-L; Visualization ECR and
     Pass) and Overall (every metric value behind them, pooled); a cell that agrees with the aggregates is
-    left as it is, one that does not is kept with a warning. merge-shards refreshes all of these by itself.
+    left as it is, one that does not is kept with a warning; a configuration without a row gets one only
+    with --create. At the results root, results_table.tex (the users' paper table: Text x5, Image, Mix x5;
+    F1/EM per question type, Data Analysis ROUGE-L/F1/EM, Visualization ECR/Pass) follows the same cell
+    rule (--create makes it). merge-shards refreshes all of these by itself.
     --charts draws, with matplotlib, <config>/<config>_scores.png (a bar per question type and Overall) and
     <variant>/scores_heatmap.png.
 
@@ -553,9 +538,6 @@ def report_command(results_root, create, charts, dry_run, as_json):
       hpc-rerun report result/complied --dry-run
       hpc-rerun report result/complied --create
     """
-    from .derived import regenerate
-    from .views import report_lines
-
     written, checked, warnings, problems = regenerate(results_root, create=create, charts=charts, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "written": written, "warnings": warnings, "problems": problems},

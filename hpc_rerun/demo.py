@@ -14,9 +14,17 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .backends import SubmitOptions
+from .backends.slurm import SlurmOptions
 from .benchmark import Config, load_tasks
-from .synthetic import ERROR_PREDICTIONS, make_item, write_result_file
+from .generation import Generation
 from .inference.tinymodel import build_tiny_qwen3vl
+from .pipeline import run_pipeline
+from .plan import RunSettings
+from .project import Project
+from .scan import scan_tree
+from .synthetic import ERROR_PREDICTIONS, make_item, write_result_file
+from .views import print_scan
 
 DEMO_DATA = Path(__file__).with_name("demo_data")
 ANSWER = "[Final Answer]: Yes"
@@ -32,7 +40,7 @@ RESULT_TREE = {
 def render_table_image(csv_path: Path, png_path: Path) -> None:
     """A plain picture of the table: one text cell per column, rows top to bottom."""
     with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = [row for row in csv.reader(fh)][:60]
+        rows = list(csv.reader(fh))[:60]
     columns = max(len(r) for r in rows)
     width = min(140 * columns, 2400)
     cell = width // columns
@@ -73,14 +81,6 @@ def write_demo(directory: str | Path, console=None) -> dict[str, Path]:
 def run_demo(directory: Path, executor: str, dev_cluster_profile: Path, console) -> int:
     """Write the demo, scan it, ``run`` it (two shards, greedy, 16 new tokens) and scan again; returns the
     runnable gaps left (0: every gap whose source files exist was filled)."""
-    from .backends import SubmitOptions
-    from .backends.slurm import load_profile, slurm_options
-    from .pipeline import run_pipeline
-    from .plan import RunSettings
-    from .project import Project
-    from .scan import scan_tree
-    from .views import print_scan
-
     paths = write_demo(directory, console)
     tasks = load_tasks(paths["tasks"])
     before = scan_tree(paths["results"], tasks, paths["tasks"], paths["data"])
@@ -88,10 +88,10 @@ def run_demo(directory: Path, executor: str, dev_cluster_profile: Path, console)
     print_scan(before, console=console)
     # On Slurm the demo asks for what the dev cluster has (slurm/dev-cluster: partition debug, 4 fake GPUs);
     # the local executor has no use for Slurm options.
-    profile = load_profile(dev_cluster_profile)
-    settings = RunSettings(model=str(paths["model"]), generation={"do_sample": False, "max_new_tokens": 16})
+    settings = RunSettings(model=str(paths["model"]), generation=Generation.greedy(16))
     run_pipeline(before, Project().variant, settings, logs=Path(directory) / "logs", executor=executor,
-                 options=SubmitOptions(slurm=slurm_options(profile, {}), parallel=2), shards=2, target_hours=None,
+                 options=SubmitOptions(slurm=SlurmOptions.resolve({}, dev_cluster_profile), parallel=2), shards=2,
+                 target_hours=None,
                  max_attempts=2, console=console, poll_s=1.0)
     after = scan_tree(paths["results"], tasks, paths["tasks"], paths["data"])
     console.print("[bold]after:[/bold]")

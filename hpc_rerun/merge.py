@@ -17,19 +17,25 @@ import fcntl
 import hashlib
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, dump_json, fault_point, sha256_file
+from .atomic import atomic_write_bytes, dump_json, sha256_file
+from .benchmark import Config
+from .derived import (
+    TypeMetrics,
+    aggregate_type_metrics,
+    summary_tolerance,
+    type_scores,
+    update_summary,
+    write_merge_report,
+)
 from .derived import refresh as refresh_derived
-from .derived import aggregate_type_scores, summary_tolerance, type_scores, update_summary, write_merge_report
+from .paper_table import refresh_table
 from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
-from .inference.scoring import in_convention, not_run_pass
-from .rundir import RunDir, read_records
-
-ITEM_KEYS = ("id", "FileName", "QuestionType", "SubQType", "Question", "Reference", "Prediction", "Metrics",
-             "ProcessingTime")
-PROVENANCE_KEY = "provenance"  # in merged items as in shard records
+from .rundir import Plan, Provenance, Record, RunDir, best_records
+from .scan import discover_configs, load_run_dir_for
+from .scoring.metrics import in_convention, not_run_pass
 
 
 class MergeLocked(RuntimeError):
@@ -52,56 +58,24 @@ class ConfigMerge:
     derived: list[str] = field(default_factory=list)  # aggregate_metrics.csv/.md beside the file, refreshed
     scores: dict[str, list] = field(default_factory=dict)  # question type -> [score before, after] (changed files)
     changed_by_type: dict[str, list[int]] = field(default_factory=dict)  # question type -> ids replaced or added
-    summary_scores: tuple[dict, dict] | None = None  # its modality_summary scores before, after (aggregates)
+    summary_scores: tuple[TypeMetrics, TypeMetrics] | None = None  # summary/paper-table metrics before, after
     summary_tolerance: float = 1e-6
     summary_kept: list[str] = field(default_factory=list)  # modality_summary.csv cells left as they were
+    before: ResultFile | None = field(default=None, repr=False)  # the file as read (for the tables derived from it)
+    after: dict | None = field(default=None, repr=False)  # its new top level
 
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()
+                if k not in ("before", "after")}
 
 
-def shard_records(run_dir: Path) -> list[tuple[tuple, dict]]:
-    """Every record of every attempt, with a sort key (attempt, file, line) for "newer wins"."""
-    found = []
-    for path in RunDir(run_dir).record_files():
-        for line, record in enumerate(read_records(path)):
-            provenance = record.get("provenance") or {}
-            found.append(((provenance.get("attempt", 0), str(path), line), record))
-    return found
+def user_records(files: list[ResultFile], config: str) -> list[Record]:
+    """The users' own rerun outputs (results_*.json, checkpoint.json) as records of one config, oldest first."""
+    return [replace(Record.from_dict(item), provenance=Provenance(config=config, source=str(result_file.path)))
+            for result_file in files for item in result_file.items]
 
 
-def run_dir_records(files: list[ResultFile], config: str) -> list[tuple[tuple, dict]]:
-    """The users' own rerun outputs (results_*.json, checkpoint.json) as records of one config."""
-    found = []
-    for rank, result_file in enumerate(files):
-        for line, item in enumerate(result_file.items):
-            found.append(((0, f"{rank:04d}", line), dict(item, provenance={"config": config,
-                                                                            "source": str(result_file.path)})))
-    return found
-
-
-def best_records(records: list[tuple[tuple, dict]]) -> dict[str, dict[int, dict]]:
-    """config -> id -> the record to merge: success over error, then the newest."""
-    best: dict[str, dict[int, tuple[tuple, dict]]] = {}
-    for key, record in records:
-        config = (record.get("provenance") or {}).get("config")
-        if not config or not isinstance(record.get("id"), int):
-            continue
-        rank = (item_ok(record), key)
-        current = best.setdefault(config, {}).get(record["id"])
-        if current is None or rank >= current[0]:
-            best[config][record["id"]] = (rank, record)
-    return {c: {i: r for i, (_, r) in ids.items()} for c, ids in best.items()}
-
-
-def to_item(record: dict, with_provenance: bool) -> dict:
-    item = {k: record[k] for k in ITEM_KEYS if k in record}
-    if with_provenance and record.get("provenance"):
-        item[PROVENANCE_KEY] = record["provenance"]
-    return item
-
-
-def merge_items(items: list[dict], new: dict[int, dict], overwrite: bool, with_provenance: bool,
+def merge_items(items: list[dict], new: dict[int, Record], overwrite: bool, with_provenance: bool,
                 report: ConfigMerge) -> list[dict]:
     """The file's items with the new records applied, sorted by id (stable)."""
     by_id: dict[int, list[int]] = {}
@@ -111,7 +85,7 @@ def merge_items(items: list[dict], new: dict[int, dict], overwrite: bool, with_p
     drop: set[int] = set()
     not_run = not_run_pass(items)
     for task_id, record in sorted(new.items()):
-        candidate = to_item(record, with_provenance)
+        candidate = record.to_item(with_provenance)
         if "Metrics" in candidate:  # the file's own Pass for chart code that did not run
             candidate["Metrics"] = in_convention(candidate["Metrics"], not_run)
         positions = by_id.get(task_id)
@@ -183,7 +157,7 @@ def results_lock(results_root: Path):
         os.close(fd)
 
 
-def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set[str] | None, overwrite: bool,
+def merge_config(config: str, path: Path, new: dict[int, Record], *, expected: set[str] | None, overwrite: bool,
                  force: bool, dry_run: bool, with_provenance: bool, now: dt.datetime,
                  about_to_write=lambda digest: None, recompute_aggregates: bool = False) -> ConfigMerge:
     report = ConfigMerge(config, path)
@@ -200,12 +174,7 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
             return report
     items = merge_items(result.items, new, overwrite, with_provenance, report)
     rebuilt, report.aggregates_kept = rebuild(result, items, recompute_aggregates)
-    if items != result.items:
-        before, after = type_scores(result.items), type_scores(items)
-        report.scores = {t: [before.get(t), after.get(t)] for t in sorted(set(before) | set(after))}
-        types = {item["id"]: str(item.get("QuestionType")) for item in items}
-        for task_id in sorted(report.replaced + report.inserted + report.overwritten):
-            report.changed_by_type.setdefault(types.get(task_id), []).append(task_id)
+    report.before, report.after = result, rebuilt
     writes = [(path, dump_json(rebuilt))]
     checkpoint = path.parent / "checkpoint.json"
     if checkpoint.exists():  # the fork's resume file: rerun exactly what is not a success
@@ -220,17 +189,34 @@ def merge_config(config: str, path: Path, new: dict[int, dict], *, expected: set
             if target == path:
                 report.backup = saved
                 about_to_write(hashlib.sha256(payload).hexdigest())
-            fault_point(f"{target}: backup written")
             atomic_write_bytes(target, payload)
-    aggregates = rebuilt.get("aggregate_metrics")
-    if isinstance(aggregates, dict):  # after the file itself: a rerun finishes the job
-        report.derived = [str(p) for p in refresh_derived(path, aggregates, dry_run=dry_run)]
-    old = result.data.get("aggregate_metrics") if isinstance(result.data, dict) else None
-    if report.changed and isinstance(aggregates, dict):  # the variant's summary follows (refresh_summaries)
-        report.summary_scores = (aggregate_type_scores(old, result.items) if isinstance(old, dict) else {},
-                                 aggregate_type_scores(aggregates, items))
-        report.summary_tolerance = summary_tolerance(aggregates)
     return report
+
+
+def score_changes(report: ConfigMerge) -> None:
+    """The configuration's scores per question type before and after, and the ids changed per type."""
+    old_items, items = report.before.items, report.after["results"]
+    if items == old_items:
+        return
+    before, after = type_scores(old_items), type_scores(items)
+    report.scores = {t: [before.get(t), after.get(t)] for t in sorted(set(before) | set(after))}
+    types = {item["id"]: str(item.get("QuestionType")) for item in items}
+    for task_id in sorted(report.replaced + report.inserted + report.overwritten):
+        report.changed_by_type.setdefault(types.get(task_id), []).append(task_id)
+
+
+def refresh_tables(report: ConfigMerge, dry_run: bool) -> None:
+    """aggregate_metrics.csv/.md beside the file, after the file itself (a rerun finishes the job), and the
+    scores its variant's summary needs (``refresh_summaries``)."""
+    aggregates = report.after.get("aggregate_metrics")
+    if not isinstance(aggregates, dict):
+        return
+    report.derived = [str(p) for p in refresh_derived(report.path, aggregates, dry_run=dry_run)]
+    old = report.before.data.get("aggregate_metrics")
+    if report.changed:
+        report.summary_scores = (aggregate_type_metrics(old, report.before.items) if isinstance(old, dict)
+                                 else TypeMetrics(), aggregate_type_metrics(aggregates, report.after["results"]))
+        report.summary_tolerance = summary_tolerance(aggregates)
 
 
 def refresh_summaries(reports: list[ConfigMerge], dry_run: bool) -> None:
@@ -245,25 +231,39 @@ def refresh_summaries(reports: list[ConfigMerge], dry_run: bool) -> None:
         for report in changed:
             report.derived += [str(p) for p in paths]
             report.summary_kept += warnings.get(report.path.parent.name, [])
+    if by_variant:  # the users' paper table at the results root, where it exists
+        changed = [r for reports_of_variant in by_variant.values() for r in reports_of_variant]
+        paths, warnings = refresh_table(changed[0].path.parent.parent.parent,
+                                        {r.config: r.summary_scores for r in changed}, dry_run=dry_run)
+        for report in changed:
+            report.derived += [str(p) for p in paths]
+            report.summary_kept += [w for w in warnings if report.config in w]
+
+
+def by_config(records: list[Record]) -> dict[str, dict[int, Record]]:
+    """config -> id -> the record to merge (``rundir.best_records``: success over error, then the newest)."""
+    best: dict[str, dict[int, Record]] = {}
+    for (config, task_id), record in best_records(records).items():
+        best.setdefault(config, {})[task_id] = record
+    return best
 
 
 def merge(
     result_files: dict[str, Path],
-    records: list[tuple[tuple, dict]],
+    records: list[Record],
     *,
     results_root: Path,
     planned_hashes: dict[str, str] | None = None,
-    run_dir: Path | None = None,
+    run: RunDir | None = None,
     overwrite: bool = False,
     force: bool = False,
     dry_run: bool = False,
     with_provenance: bool = True,
     recompute_aggregates: bool = False,
 ) -> list[ConfigMerge]:
-    """Merge ``records`` into each configuration's file; returns what happened per configuration."""
+    """Merge ``records`` (oldest first) into each configuration's file; returns what happened per configuration."""
     now = dt.datetime.now()
-    best = best_records(records)
-    run = RunDir(run_dir) if run_dir is not None else None
+    best = by_config(records)
     ledger = run.load_ledger() if run is not None else {}
     reports = []
     with nullcontext() if dry_run else results_lock(results_root):
@@ -284,54 +284,55 @@ def merge(
                     run.save_ledger(ledger)
 
             try:
-                reports.append(merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
-                                            force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
-                                            about_to_write=remember, recompute_aggregates=recompute_aggregates))
+                report = merge_config(config, path, best[config], expected=expected, overwrite=overwrite,
+                                      force=force, dry_run=dry_run, with_provenance=with_provenance, now=now,
+                                      about_to_write=remember, recompute_aggregates=recompute_aggregates)
+                if report.after is not None:
+                    score_changes(report)
+                    refresh_tables(report, dry_run)
+                    report.before = report.after = None  # one file in memory at a time
+                reports.append(report)
             except OSError as err:  # disk full, quota, permissions: this file keeps its old content
                 where = err.filename or path
-                reports.append(ConfigMerge(config, path, problem=f"{where}: cannot write ({err.strerror}); "
-                                                                 f"{path} was left as it was. Free space, then merge again"))
+                reports.append(ConfigMerge(config, path, problem=f"{where}: cannot write ({err.strerror}); {path} "
+                                                                 "was left as it was. Free space, then merge again"))
     return reports
 
 
-def merge_run(run_dir: Path | None, results_root: Path | None, sources: list[tuple[Path, str | None]] = (), *,
+def merge_run(run: RunDir | None, results_root: Path | None, sources: list[tuple[Path, str | None]] = (), *,
               overwrite: bool = False, force: bool = False, dry_run: bool = False, with_provenance: bool = True,
-              recompute_aggregates: bool = False) -> tuple[list[ConfigMerge], list[str], dict]:
-    """Merge a run directory's shards and/or the users' own run directories into a results root.
+              recompute_aggregates: bool = False) -> tuple[list[ConfigMerge], list[str], Plan]:
+    """Merge a run directory's shards and/or the users' own run directories into a results root: the records
+    (rundir), the result files (merge_config), then the tables derived from them (derived) and the report.
 
-    Returns the per-configuration outcome, the problems (unreadable inputs), and the run's plan.
+    Returns the per-configuration outcome, the problems (unreadable inputs), and the plan as merged (its
+    results root the one merged into).
     """
-    from .benchmark import Config
-    from .scan import discover_configs, load_run_dir_for
-
-    run = RunDir(run_dir) if run_dir is not None else None
-    plan = run.load() if run is not None and run.is_run() else {}
-    planned_root = Path(plan["results_root"]).resolve() if plan.get("results_root") else None
+    plan = run.plan() if run is not None and run.is_run() else Plan()
+    planned_root = Path(plan.results_root).resolve() if plan.results_root else None
     results_root = results_root or planned_root
     if results_root is None:
         raise ValueError("say where to merge: --into RESULTS_ROOT (or give a run directory with a plan.json)")
     if Path(results_root).resolve() != planned_root:  # --into another tree: the plan's files are not these
-        plan = {k: v for k, v in plan.items() if k != "result_files"}
-        plan["results_root"] = str(results_root)
+        plan = replace(plan, result_files={})
+    plan.results_root = str(results_root)
     result_files, problems = discover_configs(results_root)
-    result_files.update({Config.parse(c): Path(f["path"]) for c, f in plan.get("result_files", {}).items()})
-    records = shard_records(run_dir) if run_dir is not None else []
+    result_files.update({Config.parse(c): Path(f["path"]) for c, f in plan.result_files.items()})
+    records = run.records() if run is not None else []
     for source, config_name in sources:
         try:
             config, files = load_run_dir_for(source, config_name, list(result_files))
         except ValueError as err:
             problems.append(str(err))
             continue
-        records += run_dir_records(files, config.name)
-    planned = {c: f["sha256"] for c, f in plan.get("result_files", {}).items()} or None
+        records += user_records(files, config.name)
     reports = merge({c.name: p for c, p in result_files.items()}, records, results_root=results_root,
-                    planned_hashes=planned, run_dir=run_dir, overwrite=overwrite, force=force, dry_run=dry_run,
-                    with_provenance=with_provenance, recompute_aggregates=recompute_aggregates)
+                    planned_hashes=plan.planned_hashes() or None, run=run, overwrite=overwrite, force=force,
+                    dry_run=dry_run, with_provenance=with_provenance, recompute_aggregates=recompute_aggregates)
     problems += [r.problem for r in reports if r.problem]
     refresh_summaries(reports, dry_run)
-    if run_dir is not None and not dry_run and any(r.changed for r in reports):
+    if run is not None and not dry_run and any(r.changed for r in reports):
         write_merge_report(run.merge_report_stem, merge_rows(reports))
-    plan["results_root"] = str(results_root)
     return reports, problems, plan
 
 

@@ -1,8 +1,9 @@
 """The command line's option groups, as small dataclasses that know what they mean.
 
 ``ScanInputs`` (what to scan: results root, data root, task list, project file, extra run directories),
-``PlanChoices`` (model, shards, generation, where runs go) and ``SlurmFlags`` (flags over a site profile
-over the defaults). cli.py declares the flags; the steps receive these.
+``PlanChoices`` (model, shards, generation, where runs go) and ``SlurmChoices`` (a site profile and the
+Slurm flags given; each flag is declared once, in ``backends.slurm.SlurmOptions``). cli.py declares the
+flags; the steps receive these.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends.slurm import SlurmOptions
 from .benchmark import DEFAULT_TASK_LIST, BenchmarkError, load_tasks
+from .generation import Generation
 from .plan import RunSettings
+from .project import load_project
+from .scan import scan_tree
 
 
 class UsageProblem(ValueError):
@@ -44,9 +49,6 @@ class ScanInputs:
     def scan(self):
         """(project, scan report): paths from the options over the project file. Raises BenchmarkError on an
         unreadable task list or project file."""
-        from .project import load_project
-        from .scan import scan_tree
-
         project = load_project(self.project_file)
         results_root = self.results_root or project.results_root
         data_root = self.data_root or project.data_root
@@ -69,49 +71,32 @@ class PlanChoices:
     greedy: bool
     max_new_tokens: int
     token_budget: int | None
+    max_input_tokens: int | None
     logs: Path
 
     @property
     def n_shards(self) -> int | None:
         return self.shards or self.gpus
 
-    def settings(self) -> RunSettings:
-        generation = ({"do_sample": False, "max_new_tokens": self.max_new_tokens} if self.greedy else
-                      {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
-                       "max_new_tokens": self.max_new_tokens})
+    def settings(self, project=None) -> RunSettings:
+        """The run's settings; ``project`` (project.Project) gives each configuration's answer protocol."""
+        generation = Generation.greedy(self.max_new_tokens) if self.greedy else Generation.sampled(self.max_new_tokens)
         return RunSettings(model=str(self.model), prompts=str(self.prompts) if self.prompts else None,
-                           generation=generation, token_budget=self.token_budget)
+                           generation=generation, token_budget=self.token_budget,
+                           answer_protocols=dict(project.protocols) if project else {},
+                           max_input_tokens=self.max_input_tokens)
 
 
 @dataclass
-class SlurmFlags:
+class SlurmChoices:
+    """A site profile and the Slurm flags given on the command line (field name -> value)."""
+
     profile: Path | None
-    partition: str | None
-    gres: str | None
-    cpus_per_task: int | None
-    mem_gb: int | None
-    time_min: int | None
-    array_parallelism: int | None
-    account: str | None
-    qos: str | None
-    extra_sbatch: tuple[str, ...]
-    setup: tuple[str, ...]
+    flags: dict
 
-    def resolve(self, base: dict | None = None) -> dict:
+    def resolve(self, base: dict | None = None) -> SlurmOptions:
         """The Slurm options: defaults < ``base`` (what the run was planned with) < profile < flags."""
-        from .backends.slurm import load_profile, slurm_options
-
-        extra = {}
-        for item in self.extra_sbatch:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise UsageProblem(f"--sbatch {item!r}: expected KEY=VALUE")
-            extra[key.lstrip("-")] = value
-        flags = {"partition": self.partition, "gres": self.gres, "cpus_per_task": self.cpus_per_task,
-                 "mem_gb": self.mem_gb, "time_min": self.time_min, "array_parallelism": self.array_parallelism,
-                 "account": self.account, "qos": self.qos, "extra_sbatch": extra, "setup": list(self.setup)}
         try:
-            profile = load_profile(self.profile)
-        except BenchmarkError as err:  # a flag's value that does not work: usage, as click's own
+            return SlurmOptions.resolve(self.flags, self.profile, base)
+        except BenchmarkError as err:  # a flag's or profile's value that does not work: usage, as click's own
             raise UsageProblem(str(err)) from None
-        return slurm_options({**(base or {}), **profile}, flags)

@@ -19,10 +19,14 @@ import secrets
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from PIL import Image
+
 from .atomic import sha256_file
 from .benchmark import FORMATS, IMAGE_DIR, IMAGE_EXT, Config, Task, Variant, load_tasks
+from .generation import Generation
 from .pixels import visual_tokens
-from .rundir import RunDir, ShardSpec
+from .protocol import protocol_for
+from .rundir import Plan, RunDir, ShardSpec
 from .scan import ScanReport
 
 # The packed engine on an H200 with Qwen3-VL-8B (docs/performance.md, gaps_e2e run 4): a long prompt's
@@ -59,11 +63,12 @@ class TaskCost:
 class CostModel:
     """Estimates seconds per task; token counts are cached per table file."""
 
-    def __init__(self, data_root: Path, tokenizer=None, generation: dict | None = None, context: int = DEFAULT_CONTEXT):
+    def __init__(self, data_root: Path, tokenizer=None, generation: Generation | dict | None = None,
+                 context: int = DEFAULT_CONTEXT):
         self.data_root = Path(data_root)
         self.tokenizer = tokenizer
-        generation = generation or {}
-        self.max_new_tokens = int(generation.get("max_new_tokens") or 4096)
+        generation = Generation.from_json(generation) if generation is not None else Generation()
+        self.max_new_tokens = generation.max_new_tokens
         self.min_new_tokens = int(generation.get("min_new_tokens") or 0)
         self.context = context
         self._text_tokens: dict[str, int] = {}
@@ -81,8 +86,6 @@ class CostModel:
         return self._text_tokens[relpath]
 
     def image_tokens(self, relpath: str, variant: Variant) -> int:
-        from PIL import Image
-
         if relpath not in self._image_sizes:
             Image.MAX_IMAGE_PIXELS = None  # only the header is read; 233 MP tables must not raise a bomb error
             try:
@@ -135,6 +138,22 @@ class CostModel:
         return costs
 
 
+def load_tokenizer(model_path: str | None):
+    """The model's tokenizer, for counting only (whole tables are measured, never fed as they are); None
+    where it cannot be loaded here (no model folder, or no transformers on a login node): the planner then
+    estimates tokens from bytes."""
+    if not model_path or not Path(model_path).is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer  # heavy and optional on a login node
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (ImportError, OSError, ValueError):
+        return None
+    tokenizer.model_max_length = 1 << 40
+    return tokenizer
+
+
 def model_context(model_path: str | None) -> int:
     """The model's positions (text_config.max_position_embeddings in its config.json)."""
     try:
@@ -147,11 +166,9 @@ def model_context(model_path: str | None) -> int:
 class RunnableCosts:
     """The estimated cost of every runnable task of a scan, for the run's generation settings."""
 
-    def __init__(self, report: ScanReport, variants, model_path: str | None, generation: dict):
+    def __init__(self, report: ScanReport, variants, model_path: str | None, generation: Generation):
         self.report = report
         self.variants = variants
-        from .inference.tables import load_tokenizer
-
         self.model = CostModel(report.data_root, load_tokenizer(model_path), generation, model_context(model_path))
         self.tasks = load_tasks(report.task_list)
 
@@ -211,11 +228,19 @@ def new_run_id() -> str:
 class RunSettings:
     model: str
     prompts: str | None = None
-    generation: dict = field(default_factory=lambda: {
-        "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 4096})
+    generation: Generation = field(default_factory=Generation)  # a dict is read as one
     token_budget: int | None = None
     batch_tokens: int | None = None
     dtype: str = "auto"
+    answer_protocols: dict[str, str] = field(default_factory=dict)  # config or variant -> protocol.py preset
+    max_input_tokens: int | None = None  # the users' truncation rule (text tokens); None: ours (the context)
+
+    def __post_init__(self):
+        self.generation = Generation.from_json(self.generation)
+
+    def to_dict(self) -> dict:
+        """As plan.json's ``settings``."""
+        return {**asdict(self), "generation": self.generation.to_json()}
 
 
 def shard_count(total_seconds: float, n_tasks: int, shards: int | None, target_hours: float | None) -> int:
@@ -274,13 +299,17 @@ def write_run(
     data_root, task_list = str(Path(report.data_root).resolve()), str(Path(report.task_list).resolve())
     result_files = {s.config.name: {"path": str(Path(s.result_file).resolve()), "sha256": sha256_file(s.result_file)}
                     for s in report.configs if s.result_file is not None and s.config.name in configs_used}
-    run = RunDir.create(logs, run_id, {
-        "results_root": str(Path(report.results_root).resolve()), "data_root": data_root, "task_list": task_list,
-        "settings": asdict(settings), "slurm": slurm, "result_files": result_files})
+    run = RunDir.create(logs, Plan(
+        run_id=run_id, results_root=str(Path(report.results_root).resolve()), data_root=data_root,
+        task_list=task_list, settings=settings.to_dict(), slurm=slurm, result_files=result_files,
+        keys=("results_root", "data_root", "task_list", "settings", "slurm", "result_files", "run_id", "created",
+              "attempts")))
     specs = [ShardSpec(run_id=run_id, attempt=1, shard=number, model=settings.model, data_root=data_root,
                        task_list=task_list, tasks=[c.entry() for c in shard], configs=config_settings,
                        generation=settings.generation, prompts=settings.prompts, token_budget=settings.token_budget,
-                       batch_tokens=settings.batch_tokens, dtype=settings.dtype)
+                       batch_tokens=settings.batch_tokens, dtype=settings.dtype,
+                       answer_protocols={name: protocol_for(name, settings.answer_protocols) for name in configs_used},
+                       max_input_tokens=settings.max_input_tokens)
              for number, shard in enumerate(shards)]
     run.add_attempt(specs, [sum(c.seconds for c in shard) for shard in shards])
     return run

@@ -16,61 +16,58 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .backends import SubmitOptions, submit_attempt
+from .backends import ACTIVE, SubmitOptions, submit_attempt
+from .backends.slurm import SlurmOptions
 from .benchmark import Config, Variant, load_tasks
-from .pixels import DEFAULT_MIN_PIXELS
+from .pixels import SMALLEST_IMAGE_PIXELS
 from .plan import CostModel, model_context, pack_shards
-from .rundir import Attempt, RunDir, ShardSpec
-from .status import ACTIVE, ShardStatus, cost_scale, gather, task_records
+from .rundir import Attempt, Record, RunDir
+from .status import RunStatus, cost_scale, status_round
 
 SLOW_STATES = {"TIMEOUT", "LOST", "NODE_FAIL", "PREEMPTED", "DEADLINE"}
 RETRYABLE_ERRORS = {"oom_text", "oom_image", "format_failure", "timeout", "node_failure", "other"}
 
 
-def escalate_task(entry: dict, record: dict | None) -> dict:
+def escalate_task(entry: dict, record: Record | None) -> dict:
     """The task entry for the next attempt: after an OOM error, half the prompt tokens (text) or the pixels
     (image) of its last try, or both (image + text: the worker's own ladder halves both, and the error
     cannot say which of the two ran out)."""
-    provenance = (record or {}).get("provenance") or {}
-    error_class = provenance.get("error_class")
-    modality = Config.parse(entry["config"]).modality
     entry = {"config": entry["config"], "id": entry["id"]}
-    if error_class not in ("oom_text", "oom_image"):
+    if record is None or record.provenance.error_class not in ("oom_text", "oom_image"):
         return entry
-    if modality in ("text", "mix") and provenance.get("prompt_tokens"):
-        used = provenance.get("truncated_to_tokens") or provenance["prompt_tokens"]
+    provenance = record.provenance
+    modality = Config.parse(entry["config"]).modality
+    if modality in ("text", "mix") and provenance.prompt_tokens:
+        used = provenance.truncated_to_tokens or provenance.prompt_tokens
         entry["token_budget"] = max(used // 2, 1024)
-    if modality in ("image", "mix") and provenance.get("image_pixels"):
-        entry["max_pixels"] = max(provenance["image_pixels"] // 2, DEFAULT_MIN_PIXELS)
+    if modality in ("image", "mix") and provenance.image_pixels:
+        entry["max_pixels"] = max(provenance.image_pixels // 2, SMALLEST_IMAGE_PIXELS)
     return entry
 
 
-def plan_resubmission(run: RunDir, statuses: list[ShardStatus], retry_errors: bool) -> tuple[list[dict], dict]:
+def plan_resubmission(status: RunStatus, retry_errors: bool) -> tuple[list[dict], dict]:
     """The task entries to rerun and the Slurm option changes; ([], {}) when nothing needs it."""
-    attempts = run.attempts()
-    records = task_records(run.path)
-    by_slot = {(s.attempt, s.shard): s for s in statuses}
-    active_tasks = {(t["config"], t["id"]) for a in attempts for shard in a.shards
-                    if by_slot[(a.number, shard["shard"])].state in ACTIVE for t in a.spec_tasks(shard)}
+    records = status.snapshot.best()
+    by_slot = {(s.attempt, s.shard): s for s in status.shards}
+    views = [(view, by_slot[(view.attempt.number, view.entry.number)]) for view in status.snapshot.shards]
+    active_tasks = {(t["config"], t["id"]) for view, shard in views if shard.state in ACTIVE for t in view.tasks}
     rerun: dict[tuple, dict] = {}
     causes: set[str] = set()
-    for attempt in attempts:
-        for shard in attempt.shards:
-            status = by_slot[(attempt.number, shard["shard"])]
-            if status.state in ACTIVE:
+    for view, shard in views:
+        if shard.state in ACTIVE:
+            continue
+        for entry in view.tasks:
+            key = (entry["config"], entry["id"])
+            if key in active_tasks or key in rerun:
                 continue
-            for entry in attempt.spec_tasks(shard):
-                key = (entry["config"], entry["id"])
-                if key in active_tasks or key in rerun:
-                    continue
-                record = records.get(key)
-                error_class = ((record or {}).get("provenance") or {}).get("error_class")
-                if record is None:
-                    rerun[key] = escalate_task(entry, None)
-                    causes.add(status.state)
-                elif retry_errors and error_class in RETRYABLE_ERRORS:
-                    rerun[key] = escalate_task(entry, record)
-    options = dict(attempts[-1].slurm or run.load().get("slurm") or {})
+            record = records.get(key)
+            if record is None:
+                rerun[key] = escalate_task(entry, None)
+                causes.add(shard.state)
+            elif retry_errors and record.provenance.error_class in RETRYABLE_ERRORS:
+                rerun[key] = escalate_task(entry, record)
+    plan = status.snapshot.plan
+    options = dict(plan.attempts[-1].slurm or plan.slurm or {})
     if causes & SLOW_STATES and options.get("time_min"):
         options["time_min"] = int(options["time_min"]) * 2
     if "OUT_OF_MEMORY" in causes and options.get("mem_gb"):
@@ -83,7 +80,7 @@ def write_attempt(run: RunDir, entries: list[dict], n_shards: int, options: dict
     """Pack the entries into shards of a new attempt (specs + plan.json). ``scale`` re-fits the cost model
     to what the shards that completed measured."""
     first = run.attempt(1)
-    template = ShardSpec.read(first.spec_file(first.shards[0]))
+    template = first.spec(first.shards[0])
     tasks = load_tasks(template.task_list)
     model = CostModel(Path(template.data_root), generation=template.generation, context=model_context(template.model))
     items = []
@@ -97,34 +94,32 @@ def write_attempt(run: RunDir, entries: list[dict], n_shards: int, options: dict
                            slurm=options, cost_scale=round(scale, 4))
 
 
-def plan_next_attempt(run_dir: Path, retry_errors: bool = False, partition: str | None = None,
+def plan_next_attempt(run: RunDir, retry_errors: bool = False, partition: str | None = None,
                       n_shards: int | None = None) -> tuple[Attempt | None, list[dict]]:
     """Write the next attempt (not submitted): what ended without an answer, escalated by its cause.
     Returns (the attempt or None when nothing needs a rerun, its task entries)."""
-    run = RunDir(run_dir)
-    statuses = gather(run.path)
-    entries, changes = plan_resubmission(run, statuses, retry_errors)
+    status = status_round(run)
+    entries, changes = plan_resubmission(status, retry_errors)
     if not entries:
         return None, []
     options = changes["options"]
     if partition:
         options["partition"] = partition
-    ended = [s for s in statuses if s.needs_rerun]
+    ended = [s for s in status.shards if s.needs_rerun]
     slow = any(s.state in SLOW_STATES for s in ended)
     n_shards = n_shards or max(1, len(ended)) * (2 if slow else 1)
-    previous = run.attempt().entry.get("cost_scale", 1.0)
-    attempt = write_attempt(run, entries, n_shards, options, changes["causes"], cost_scale(statuses) or previous)
+    previous = status.snapshot.plan.attempts[-1].cost_scale or 1.0
+    attempt = write_attempt(run, entries, n_shards, options, changes["causes"], cost_scale(status.shards) or previous)
     return attempt, entries
 
 
-def resubmit(run_dir: Path, parallel: int = 1, retry_errors: bool = False, partition: str | None = None,
+def resubmit(run: RunDir, parallel: int = 1, retry_errors: bool = False, partition: str | None = None,
              n_shards: int | None = None, submit: bool = True) -> tuple[Attempt | None, list[dict], str | None]:
     """Plan the next attempt and submit it the way the run was submitted (its escalated Slurm options, or
     ``parallel`` local workers). Returns (attempt or None, its entries, the submission's line or None)."""
-    run = RunDir(run_dir)
     executor = run.executor()
-    attempt, entries = plan_next_attempt(run.path, retry_errors, partition, n_shards)
+    attempt, entries = plan_next_attempt(run, retry_errors, partition, n_shards)
     if attempt is None or not submit or executor is None:
         return attempt, entries, None
-    line = submit_attempt(attempt, executor, SubmitOptions(slurm=attempt.slurm or {}, parallel=parallel))
+    line = submit_attempt(attempt, executor, SubmitOptions(SlurmOptions.from_dict(attempt.slurm), parallel))
     return attempt, entries, line

@@ -10,10 +10,15 @@ Layouts (all keep an item list under ``results``):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .benchmark import ERROR_PREFIX
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 
 class ResultFileError(ValueError):
@@ -56,7 +61,8 @@ def load_result_file(path: str | Path) -> ResultFile:
     except OSError as err:
         raise ResultFileError(f"{path}: cannot read ({err.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        where = f"line {err.lineno}, column {err.colno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
+        where = (f"line {err.lineno}, column {err.colno}: {err.msg}" if isinstance(err, json.JSONDecodeError)
+                 else str(err))
         raise ResultFileError(f"{path}: not valid JSON ({where}); it is left untouched") from None
     layout = detect_layout(data)
     if layout is None:
@@ -79,25 +85,30 @@ def item_ok(item: dict) -> bool:
     return not (type(prediction) is str and prediction.startswith(ERROR_PREFIX))
 
 
+def best_of(candidates: Iterable[tuple[K, T, bool]]) -> dict[K, T]:
+    """The one rule for which answer counts: per key, a success over an error, then the later one.
+    ``candidates`` are (key, value, is a success), oldest first."""
+    best: dict[K, tuple[T, bool]] = {}
+    for key, value, ok in candidates:
+        current = best.get(key)
+        if current is None or ok or not current[1]:
+            best[key] = (value, ok)
+    return {key: value for key, (value, _) in best.items()}
+
+
 def best_items(item_lists: list[list[dict]]) -> tuple[dict[int, dict], list[int]]:
-    """The best item per id across sources in order (success over error, later over earlier).
+    """The best item per id across sources in order (``best_of``: success over error, later over earlier).
 
     Returns the chosen items and the ids that occurred more than once within one source.
     """
-    best: dict[int, dict] = {}
-    best_ok: dict[int, bool] = {}
     duplicates: set[int] = set()
     for items in item_lists:
         seen: set[int] = set()
         for item in items:
-            key = item["id"]
-            if key in seen:
-                duplicates.add(key)
-            seen.add(key)
-            ok = item_ok(item)
-            if ok or not best_ok.get(key, False):
-                best[key] = item
-                best_ok[key] = ok
+            if item["id"] in seen:
+                duplicates.add(item["id"])
+            seen.add(item["id"])
+    best = best_of((item["id"], item, item_ok(item)) for items in item_lists for item in items)
     return best, sorted(duplicates)
 
 
@@ -182,7 +193,8 @@ class Level:
         self.rule, self.problems = None, []
         for rule in SHARE_RULES:
             problems = [f"{name}/{group}: {d}" for group, values in stored.items() if isinstance(values, dict)
-                        for d in _disagreements(values, metric_means(groups.get(group, []), rule, self.with_time), rounded)]
+                        for d in _disagreements(values, metric_means(groups.get(group, []), rule, self.with_time),
+                                                rounded)]
             if not problems:
                 self.rule, self.problems = rule, []
                 break

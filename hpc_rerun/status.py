@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from .backends import ElementState, attempt_states
-from .rundir import RunDir, record_key
-
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SUBMITTED",
-          "ENDING"}
+from .backends import ACTIVE, ElementState, attempt_states
+from .rundir import Record, RunDir, Snapshot
 
 
 @dataclass
@@ -44,32 +40,28 @@ class ShardStatus:
         return self.state not in ACTIVE and self.open > 0
 
 
-def gather(run_dir: Path, now: dt.datetime | None = None) -> list[ShardStatus]:
-    run = RunDir(run_dir)
+def gather(snapshot: Snapshot, now: dt.datetime | None = None) -> list[ShardStatus]:
+    """Every shard's state: the scheduler's (one round per backend) checked against its shard file."""
     now = now or dt.datetime.now()
-    attempts = run.attempts()
-    scheduler = attempt_states(attempts, now)
-    records_of = {(a.number, s["shard"]): a.records(s) for a in attempts for s in a.shards}
-    answered = {record_key(r) for records in records_of.values() for r in records}
+    scheduler = attempt_states(snapshot.plan.attempts, now)
+    answered = {r.key for r in snapshot.records()}
     statuses = []
-    for attempt in attempts:
-        for shard in attempt.shards:
-            element = scheduler.get((attempt.number, shard["shard"]), ElementState("PLANNED", None))
-            state = element.state
-            records = records_of[(attempt.number, shard["shard"])]
-            keys = {record_key(r) for r in records}
-            if state in ("LOST", "ENDED") and len(keys) >= shard["tasks"]:
-                state = "COMPLETED"  # the scheduler lost track, the shard file has every answer
-            starts = [r["provenance"]["start"] for r in records if r.get("provenance", {}).get("start")]
-            ends = [r["provenance"]["end"] for r in records if r.get("provenance", {}).get("end")]
-            open_tasks = sum(1 for t in attempt.spec_tasks(shard) if (t["config"], t["id"]) not in answered)
-            statuses.append(ShardStatus(
-                attempt=attempt.number, shard=shard["shard"], job_id=element.job_id, state=state,
-                total=shard["tasks"], done=len(keys),
-                errors=sum(1 for r in records if str(r.get("Prediction", "")).startswith("[ERROR]")),
-                first_start=min(starts) if starts else None, last_end=max(ends) if ends else None, open=open_tasks,
-                predicted_s=shard.get("cost_s"), actual_s=_span(starts, ends), note=element.note,
-            ))
+    for view in snapshot.shards:
+        number, entry, records = view.attempt.number, view.entry, view.records
+        element = scheduler.get((number, entry.number), ElementState("PLANNED", None))
+        state = element.state
+        keys = {r.key for r in records}
+        if state in ("LOST", "ENDED") and len(keys) >= entry.tasks:
+            state = "COMPLETED"  # the scheduler lost track, the shard file has every answer
+        starts = [r.provenance.start for r in records if r.provenance.start]
+        ends = [r.provenance.end for r in records if r.provenance.end]
+        statuses.append(ShardStatus(
+            attempt=number, shard=entry.number, job_id=element.job_id, state=state, total=entry.tasks,
+            done=len(keys), errors=sum(1 for r in records if not r.ok),
+            first_start=min(starts) if starts else None, last_end=max(ends) if ends else None,
+            open=sum(1 for t in view.tasks if (t["config"], t["id"]) not in answered),
+            predicted_s=entry.cost_s, actual_s=_span(starts, ends), note=element.note,
+        ))
     return statuses
 
 
@@ -88,20 +80,12 @@ def cost_scale(statuses: list[ShardStatus]) -> float | None:
     return sum(s.actual_s for s in done) / sum(s.predicted_s for s in done)
 
 
-def task_records(run_dir: Path) -> dict[tuple[str, int], dict]:
-    """The best record so far per (config, id) over every attempt (success over error, newer over older)."""
-    from .merge import best_records, shard_records
-
-    return {(config, task_id): record for config, ids in best_records(shard_records(Path(run_dir))).items()
-            for task_id, record in ids.items()}
-
-
-def summary(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None = None) -> dict:
+def summary(snapshot: Snapshot, statuses: list[ShardStatus], now: dt.datetime | None = None) -> dict:
     """Run totals over unique tasks (a task rerun in a later attempt counts once): done, rate, ETA."""
     now = now or dt.datetime.now()
-    first = RunDir(run_dir).attempt(1)
-    planned = {(t["config"], t["id"]) for s in first.shards for t in first.spec_tasks(s)}
-    records = task_records(run_dir)
+    first = snapshot.plan.attempts[0].number
+    planned = {(t["config"], t["id"]) for view in snapshot.shards if view.attempt.number == first for t in view.tasks}
+    records: dict[tuple, Record] = snapshot.best()
     total = len(planned)
     done = len(planned & set(records))
     starts = [dt.datetime.fromisoformat(s.first_start) for s in statuses if s.first_start]
@@ -114,7 +98,7 @@ def summary(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None 
     states: dict[str, int] = {}
     for s in statuses:
         states[s.state] = states.get(s.state, 0) + 1
-    errors = sum(1 for key in planned & set(records) if str(records[key].get("Prediction", "")).startswith("[ERROR]"))
+    errors = sum(1 for key in planned & set(records) if not records[key].ok)
     return {
         "total": total, "done": done, "errors": errors, "remaining": remaining,
         "rate_tasks_per_s": round(rate, 4) if rate else None,
@@ -125,7 +109,28 @@ def summary(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None 
     }
 
 
-def to_json(run_dir: Path, statuses: list[ShardStatus], now: dt.datetime | None = None) -> dict:
-    return {"run_dir": str(run_dir),
-            "shards": [dict(asdict(s), missing=s.missing, needs_rerun=s.needs_rerun) for s in statuses],
-            "summary": summary(run_dir, statuses, now)}
+@dataclass
+class RunStatus:
+    """One status round: the run read once, every shard's state and the totals."""
+
+    snapshot: Snapshot
+    shards: list[ShardStatus]
+    totals: dict
+
+    @property
+    def run(self) -> RunDir:
+        return self.snapshot.run
+
+
+def status_round(run: RunDir, now: dt.datetime | None = None) -> RunStatus:
+    """Read the run directory once and the scheduler once: what ``status``, ``run``'s watch and resubmit show."""
+    now = now or dt.datetime.now()
+    snapshot = run.snapshot()
+    statuses = gather(snapshot, now)
+    return RunStatus(snapshot, statuses, summary(snapshot, statuses, now))
+
+
+def to_json(status: RunStatus) -> dict:
+    return {"run_dir": str(status.run.path),
+            "shards": [dict(asdict(s), missing=s.missing, needs_rerun=s.needs_rerun) for s in status.shards],
+            "summary": status.totals}

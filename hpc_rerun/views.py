@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from .merge import ConfigMerge
@@ -102,9 +103,6 @@ def _duration(seconds) -> str:
 
 def status_view(run_dir, statuses, totals: dict):
     """The status table, a progress line and what to do next, as one renderable (for rich Live too)."""
-    from rich.console import Group
-    from rich.progress_bar import ProgressBar
-
     table = Table(title=f"status of {run_dir}")
     for column in ("attempt", "shard", "job", "state", "done", "errors", "predicted", "actual"):
         table.add_column(column, justify="left" if column in ("job", "state") else "right")
@@ -139,8 +137,9 @@ def rescore_lines(reports, write: bool) -> list[str]:
     lines = []
     for r in reports:
         metrics = ", ".join(f"{name} {count}" for name, count in sorted(r.changed.items())) or "-"
+        layers = ", ".join(f"{layer} {count}" for layer, count in sorted(r.sandbox_layers.items()))
         lines.append(f"{r.config}: {r.items} answered, {r.changed_items} differ ({metrics})"
-                     f"{', written' if r.written else ''}")
+                     f"{', written' if r.written else ''}{f'; chart code sandboxed: {layers}' if layers else ''}")
         lines += [f"  id {e['id']}: stored {e['stored']} -> {e['rescored']}" for e in r.examples]
     total = sum(r.changed_items for r in reports)
     lines.append(f"{total} item(s) whose stored Metrics differ{'' if write or not total else ' (--write to fix)'}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import importlib.resources
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,26 @@ from hpc_rerun.synthetic import make_item, write_result_file
 REPO = Path(__file__).resolve().parent.parent
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
+DEMO_DATA = importlib.resources.files("hpc_rerun") / "demo_data"  # three of the mini tables, shipped for the demo
+
+
+def mini_data_root(target: Path) -> Path:
+    """The mini benchmark's tables in one data root: the fixture's own and the three the package ships for the
+    demo (one copy of each, read through importlib.resources)."""
+    for source in (MINI / "data", DEMO_DATA):
+        for folder in source.iterdir():
+            if not folder.is_dir():
+                continue
+            (target / folder.name).mkdir(parents=True, exist_ok=True)
+            for file in folder.iterdir():
+                with importlib.resources.as_file(file) as path:
+                    shutil.copyfile(path, target / folder.name / file.name)
+    return target
+
+
+_MINI_DATA_TMP = tempfile.mkdtemp(prefix="hpc-rerun-mini-data-")
+atexit.register(shutil.rmtree, _MINI_DATA_TMP, ignore_errors=True)
+MINI_DATA = mini_data_root(Path(_MINI_DATA_TMP))  # read-only use: tests that write copy it first
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +82,7 @@ def gappy_benchmark(tmp_path):
     """The mini benchmark with rendered images and a text_json result file missing 10 runnable tasks."""
     data = tmp_path / "data"
     data.mkdir()
-    for folder in (MINI / "data").iterdir():
+    for folder in MINI_DATA.iterdir():
         (data / folder.name).symlink_to(folder)
     (data / "image").mkdir()
     tasks = load_tasks(MINI / "QA_mini.json")

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from hpc_rerun.benchmark import Config, load_tasks
 from hpc_rerun.synthetic import make_item, write_result_file
 
@@ -29,7 +27,8 @@ sys.meta_path = [Absent if f is machinery.PathFinder else f for f in sys.meta_pa
 
 
 def run_without_gpu_stack(*args: str) -> subprocess.CompletedProcess:
-    code = WITHOUT_GPU_STACK + "import sys\nfrom hpc_rerun.cli import main\nsys.argv = ['hpc-rerun', *sys.argv[1:]]\nmain()"
+    code = (WITHOUT_GPU_STACK
+            + "import sys\nfrom hpc_rerun.cli import main\nsys.argv = ['hpc-rerun', *sys.argv[1:]]\nmain()")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
@@ -51,7 +50,8 @@ def test_login_node_steps_run_without_torch_or_transformers(gappy_benchmark, tin
                                  "--json")
     assert plan.returncode == 0, plan.stderr
     outline = json.loads(plan.stdout)
-    assert {"qwen3vl_image/image", "qwen3vl_text/text_json"} <= {c for s in outline["shard_table"] for c in s["configs"]}
+    planned = {c for s in outline["shard_table"] for c in s["configs"]}
+    assert {"qwen3vl_image/image", "qwen3vl_text/text_json"} <= planned
     run_dir = bench["logs"] / "r"
     status = run_without_gpu_stack("status", run_dir, "--json")
     assert status.returncode == 1 and {s["state"] for s in json.loads(status.stdout)["shards"]} == {"PLANNED"}
@@ -76,25 +76,24 @@ def test_an_element_submitted_before_the_move_finds_its_job_class():
     assert type(requeued.function) is ShardJob and requeued.args == submission.args
 
 
-@pytest.mark.parametrize("limits", [(None, None), (256 * 32 * 32, 1280 * 32 * 32), (4 * 32 * 32, 16 * 32 * 32)])
-def test_planner_image_tokens_match_qwen_vl_utils(limits):
-    """pixels.py (torch-free, for the planner) sizes every image as qwen_vl_utils does for the worker."""
-    from qwen_vl_utils.vision_process import smart_resize
-
-    from hpc_rerun.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS, resized, visual_tokens
-
-    min_pixels, max_pixels = limits
-    low, high = min(min_pixels or DEFAULT_MIN_PIXELS, max_pixels or DEFAULT_MAX_PIXELS), max_pixels or DEFAULT_MAX_PIXELS
-    sizes = [(h, w) for h in (1, 31, 33, 240, 1000, 4093, 7000, 12000) for w in (1, 17, 320, 999, 3000, 7001)
-             if max(h, w) / min(h, w) <= 200]
-    for h, w in sizes:
-        expected = smart_resize(h, w, factor=TOKEN_PIXELS, min_pixels=low, max_pixels=high)
-        assert resized(h, w, low, high) == expected, (h, w)
-        assert visual_tokens(w, h, min_pixels, max_pixels) == (expected[0] // 32) * (expected[1] // 32)
-
-
 def test_only_backends_branch_on_the_executor():
     offenders = [f"{path.relative_to(PACKAGE)}:{n}" for path in PACKAGE.rglob("*.py") if "backends" not in path.parts
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"""executor\S*\s*==|==\s*["'](slurm|local)["']""", line)]
     assert offenders == []
+
+
+def test_scoring_imports_without_torch_or_transformers():
+    """merge and rescore score on a login node: every module of hpc_rerun.scoring imports where the GPU stack
+    does not exist, and none of them pulls it in."""
+    modules = sorted(p.stem for p in (PACKAGE / "scoring").glob("*.py") if p.stem != "__init__")
+    assert {"metrics", "charts", "sandbox"} <= set(modules)
+    code = WITHOUT_GPU_STACK + (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    if not name.startswith('_'):\n"
+        "        importlib.import_module('hpc_rerun.scoring.' + name)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ABSENT)\n"
+        "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 from hpc_rerun.atomic import atomic_write_json
-from hpc_rerun.rundir import ShardSpec, records_path
-from hpc_rerun.status import gather, summary
-from hpc_rerun.rundir import RunDir
+from hpc_rerun.rundir import RunDir, ShardSpec, records_path
+from hpc_rerun.status import status_round
 
 from .test_runs import cli, plan_run
 
@@ -46,7 +45,7 @@ def specs(run_dir: Path, attempt: int) -> list[ShardSpec]:
 def test_a_resubmitted_attempt_uses_exactly_the_first_attempts_generation_settings(gappy_benchmark, tiny_model_dir):
     run_dir = plan_run(gappy_benchmark, tiny_model_dir, 2)  # planned --greedy, 4 new tokens
     first = specs(run_dir, 1)
-    assert {json.dumps(s.generation, sort_keys=True) for s in first} == {
+    assert {json.dumps(s.generation.to_json(), sort_keys=True) for s in first} == {
         json.dumps({"do_sample": False, "max_new_tokens": 4}, sort_keys=True)}
     end_attempt(run_dir, 1, "FAILED")
     cli("resubmit", run_dir, "--no-submit")
@@ -61,12 +60,12 @@ def test_a_resubmitted_attempt_uses_exactly_the_first_attempts_generation_settin
 def test_a_shard_repaired_by_a_later_attempt_no_longer_needs_a_rerun(gappy_benchmark, tiny_model_dir):
     run_dir = plan_run(gappy_benchmark, tiny_model_dir, 2)
     end_attempt(run_dir, 1, "FAILED")
-    before = gather(run_dir)
-    assert all(s.needs_rerun for s in before) and summary(run_dir, before)["needs_rerun"] == 2
+    before = status_round(RunDir(run_dir))
+    assert all(s.needs_rerun for s in before.shards) and before.totals["needs_rerun"] == 2
     cli("resubmit", run_dir, "--no-submit", "--shards", 3)
     answer_all(run_dir, 2)
     end_attempt(run_dir, 2, "COMPLETED")
-    after = gather(run_dir)
+    after = status_round(RunDir(run_dir)).shards
     assert [(s.attempt, s.needs_rerun) for s in after] == [(1, False), (1, False), (2, False), (2, False), (2, False)]
     shown = json.loads(cli("status", run_dir, "--json").stdout)
     assert shown["summary"]["needs_rerun"] == 0 and not any(s["needs_rerun"] for s in shown["shards"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,9 @@ from click.testing import CliRunner
 from hpc_rerun.benchmark import Config, load_tasks
 from hpc_rerun.cli import EXIT_BAD_INPUT, main
 from hpc_rerun.rundir import RecordWriter
-from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_data_root, write_result_file
+from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_result_file
+
+from .trees import write_data_root
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 TASKS = MINI / "QA_final_sc_filled.json"
@@ -230,7 +231,8 @@ def test_killed_at_any_point_every_file_is_old_or_new_and_a_rerun_completes(run_
     kills = 0
     for point in range(1, 200):
         reset()
-        proc = subprocess.run(command, env={**os.environ, "HPC_RERUN_FAULT_AT": str(point)}, capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "tests.faults", str(point), *command[2:]], capture_output=True,
+                              cwd=Path(__file__).resolve().parent.parent)
         if proc.returncode == 0:
             break  # fewer fault points than this: the merge ran to the end
         assert proc.returncode == -9, proc.stderr.decode()

@@ -264,7 +264,8 @@ def test_a_shard_past_its_time_limit_is_resubmitted_with_twice_the_time_in_small
     says timed out: status calls it TIMEOUT; killed at the limit, Slurm says TIMEOUT itself). resubmit
     plans twice the time and twice the shards, Slurm runs them with that limit, and the merge completes."""
     # USR2 20 s before the limit, not at start-up (before submitit has put its handler in place)
-    run_dir = plan_demo(demo_paths, 1, "--profile", profile_with(tmp_path, time_min=1, max_requeues=0, signal_delay_s=20))
+    profile = profile_with(tmp_path, time_min=1, max_requeues=0, signal_delay_s=20)
+    run_dir = plan_demo(demo_paths, 1, "--profile", profile)
     task_list = Path(json.loads((run_dir / "attempt-1" / "shard-0000.json").read_text())["task_list"])
     saved = task_list.read_bytes()
     task_list.unlink()
@@ -330,7 +331,10 @@ def test_retry_errors_reruns_an_out_of_memory_at_half_its_pixels_and_tokens(slur
              for r in read_records(path)}
     failed = {key: r for key, r in first.items() if r["provenance"]["error_class"] in ("oom_text", "oom_image")}
     assert {config for config, _ in failed} == {"qwen3vl_default_pic/mix_markdown"}, first
-    assert all(r["provenance"]["image_pixels"] > 100_000 and r["provenance"]["retries"] == 3 for r in failed.values())
+    # Three halvings, or two where the prompt around the table (which keeps room for the answer protocol's
+    # re-ask note) no longer fits the halved budget: either way the ladder ran and the image stayed too large.
+    assert all(r["provenance"]["image_pixels"] > 100_000 and r["provenance"]["retries"] in (2, 3)
+               for r in failed.values())
     assert any(r["provenance"]["retries"] for key, r in first.items() if key not in failed and r["provenance"][
         "image_pixels"]), "smaller images got through after the worker halved their pixels"
     cli("resubmit", run_dir, "--retry-errors", env=env, check=True)

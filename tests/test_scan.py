@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +15,10 @@ from PIL import Image
 from hpc_rerun.benchmark import Config, classify_error, load_tasks
 from hpc_rerun.cli import EXIT_BAD_INPUT, EXIT_GAPS, main
 from hpc_rerun.scan import scan_tree, skip_ids_report
-from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_data_root, write_result_file
+from hpc_rerun.synthetic import ERROR_PREDICTIONS, make_item, write_result_file
+
+from .conftest import MINI_DATA
+from .trees import write_data_root
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 COMPILED = MINI / "results" / "complied"
@@ -38,7 +41,7 @@ def run_cli(*args):
 def mini_data_root(tmp_path_factory) -> Path:
     """The mini data with its table images, which the data copy lacks: rendered here."""
     root = tmp_path_factory.mktemp("data")
-    for folder in (MINI / "data").iterdir():
+    for folder in MINI_DATA.iterdir():
         (root / folder.name).symlink_to(folder)
     (root / "image").mkdir()
     names = {q["FileName"] for q in json.loads((MINI / "QA_mini.json").read_text())["queries"]}
@@ -222,7 +225,8 @@ def test_bad_file_is_named_and_others_still_reported(gappy_tree, content, messag
 
 @pytest.mark.parametrize(
     "content, message",
-    [("[1, 2]", r'must be \{"queries": \[...\]\}'), ('{"queries": [{"FileName": "a"}]}', r"queries\[0\] has no integer 'id'"),
+    [("[1, 2]", r'must be \{"queries": \[...\]\}'),
+     ('{"queries": [{"FileName": "a"}]}', r"queries\[0\] has no integer 'id'"),
      ("{oops", "not valid JSON")],
 )
 def test_bad_task_list(tmp_path, content, message):

@@ -62,7 +62,8 @@ def test_builder_is_small_and_deterministic(tiny_model_dir, tmp_path):
 
 def test_chat_template_is_qwen_style(loaded, table_png):
     _, processor = loaded
-    text = processor.apply_chat_template(message("How many rows?", table_png), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(message("How many rows?", table_png), tokenize=False,
+                                         add_generation_prompt=True)
     assert text == (
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many rows?<|im_end|>\n"
         "<|im_start|>assistant\n"

@@ -2,11 +2,14 @@
 
 One worker process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; without a GPU, up to
 ``--parallel`` CPU workers (default 1). Each worker also gets its own share of the pool's CPUs (its
-affinity), so the prompt-preparing threads of four workers on one host do not fight over the same cores. The pool runs detached and writes each shard's state to
-``attempt-N/local-state.json`` (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED), which ``states`` reads
-the way the Slurm backend reads sacct; its pid in plan.json is the run's "job id".
+affinity), so the prompt-preparing threads of four workers on one host do not fight over the same cores.
+The pool runs detached and writes each shard's state to ``attempt-N/local-state.json`` (PENDING, RUNNING,
+COMPLETED, FAILED, CANCELLED), which ``states`` reads the way the Slurm backend reads sacct; its pid in
+plan.json is the run's "job id".
 
-    python -m hpc_rerun.backends.local RUN_DIR ATTEMPT [--parallel N]
+    python -c "from hpc_rerun.backends.local import main; main()" RUN_DIR ATTEMPT [--parallel N]
+
+(not ``-m``: the package imports this module first, and runpy would run it a second time)
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pathlib import Path
 
 from ..atomic import atomic_write_json
 from ..rundir import Attempt, RunDir, now_iso
-from . import GRACE_S, ElementState, SubmitOptions
+from .base import GRACE_S, ElementState, SubmitOptions
+
+POOL_MAIN = "from hpc_rerun.backends.local import main; main()"  # the pool process's command (see above)
 
 
 def visible_gpus() -> list[str]:
@@ -92,7 +97,7 @@ class LocalBackend:
 
     def submit(self, attempt: Attempt, options: SubmitOptions) -> str:
         """Start the pool for this attempt, detached (it outlives this command)."""
-        command = [sys.executable, "-m", "hpc_rerun.backends.local", str(attempt.run.path), str(attempt.number)]
+        command = [sys.executable, "-c", POOL_MAIN, str(attempt.run.path), str(attempt.number)]
         if options.parallel:
             command += ["--parallel", str(options.parallel)]
         attempt.folder.mkdir(parents=True, exist_ok=True)
@@ -109,12 +114,12 @@ class LocalBackend:
             if attempt.local_state_file.exists():
                 recorded = {k: v["state"] for k, v in json.loads(attempt.local_state_file.read_text()).items()}
             pool_alive = bool(attempt.pool_pid) and process_alive(attempt.pool_pid)
-            starting = attempt.submitted and (now - attempt.submitted).total_seconds() < GRACE_S
+            starting = attempt.submitted_at and (now - attempt.submitted_at).total_seconds() < GRACE_S
             for shard in attempt.shards:
-                state = recorded.get(str(shard["shard"]), "SUBMITTED" if starting else "LOST")
+                state = recorded.get(str(shard.number), "SUBMITTED" if starting else "LOST")
                 if state in ("RUNNING", "PENDING") and not pool_alive:
                     state = "LOST"
-                states[(attempt.number, shard["shard"])] = ElementState(state, f"local:{attempt.pool_pid}")
+                states[(attempt.number, shard.number)] = ElementState(state, f"local:{attempt.pool_pid}")
         return states
 
     def cancel(self, attempts: list[Attempt]) -> list[str]:
@@ -124,7 +129,7 @@ class LocalBackend:
 def run_pool(run: RunDir, number: int, parallel: int) -> int:
     """Run the attempt's shards, one worker per GPU (or ``parallel`` on a CPU); SIGTERM cancels them."""
     attempt = run.attempt(number)
-    state = {str(s["shard"]): {"state": "PENDING"} for s in attempt.shards}
+    state = {str(s.number): {"state": "PENDING"} for s in attempt.shards}
     gpus = visible_gpus()
     slots: list[str | None] = gpus if gpus else [None] * max(1, parallel)
     cpus = dict(zip(range(len(slots)), cpu_shares(sorted(os.sched_getaffinity(0)), len(slots))))
@@ -147,10 +152,11 @@ def run_pool(run: RunDir, number: int, parallel: int) -> int:
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu if gpu is not None else "")
             command = [sys.executable, "-m", "hpc_rerun.cli", "worker", str(attempt.spec_file(shard))]
             with open(attempt.worker_log(shard), "ab") as out:
-                proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT,
                                         preexec_fn=lambda share=share: os.sched_setaffinity(0, share))
-            running[str(shard["shard"])] = (proc, slot)
-            state[str(shard["shard"])] = {"state": "RUNNING", "pid": proc.pid, "gpu": gpu, "cpus": len(share),
+            running[str(shard.number)] = (proc, slot)
+            state[str(shard.number)] = {"state": "RUNNING", "pid": proc.pid, "gpu": gpu, "cpus": len(share),
                                           "start": now_iso()}
             atomic_write_json(attempt.local_state_file, state)
         time.sleep(0.5)
@@ -163,7 +169,7 @@ def run_pool(run: RunDir, number: int, parallel: int) -> int:
                               end=now_iso())
             atomic_write_json(attempt.local_state_file, state)
     if stopping:
-        for key, (proc, _) in running.items():
+        for proc, _ in running.values():
             proc.terminate()
         for key, (proc, _) in running.items():
             try:
@@ -172,14 +178,15 @@ def run_pool(run: RunDir, number: int, parallel: int) -> int:
                 proc.kill()
             state[key].update(state="CANCELLED", exit_code=proc.returncode, end=now_iso())
         for shard in pending:
-            state[str(shard["shard"])] = {"state": "CANCELLED"}
+            state[str(shard.number)] = {"state": "CANCELLED"}
         atomic_write_json(attempt.local_state_file, state)
         return 1
     return 0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run an attempt's shards on this machine.")
+    parser = argparse.ArgumentParser(prog="hpc-rerun local pool",
+                                     description="Run an attempt's shards on this machine.")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("attempt", type=int)
     parser.add_argument("--parallel", type=int, default=1, help="CPU workers at once when no GPU is visible")

@@ -18,28 +18,125 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..benchmark import BenchmarkError
 from ..project import read_toml
 from ..rundir import Attempt
-from . import GRACE_S, BackendUnavailable, ElementState, SubmitOptions
+from .base import ACTIVE, GRACE_S, BackendUnavailable, ElementState, SubmitOptions
 
-SLURM_DEFAULTS = {
-    "partition": None,
-    "gres": "gpu:a100:1",
-    "cpus_per_task": 8,
-    "mem_gb": 64,
-    "time_min": 240,
-    "array_parallelism": 64,
-    "account": None,
-    "qos": None,
-    "extra_sbatch": {},
-    "setup": [],
-    "signal_delay_s": 90,  # USR2 this long before the time limit: the element requeues itself and resumes
-    "max_requeues": 3,  # ... this many times at most; then it ends (TIMEOUT) and resubmit gives it more time
-}
+
+def _setting(default, help: str, flag: str | None = None, sbatch: str | None = None, submitit: str | None = None,
+             repeatable: bool = False):
+    """A Slurm setting, declared once: its default, its command-line ``flag`` (none: profile only), its help,
+    the sbatch option it becomes and submitit's parameter that sets it. The profile key is the field's name."""
+    factory = (lambda: type(default)()) if isinstance(default, (dict, list)) else None
+    metadata = {"help": help, "flag": flag, "sbatch": sbatch, "submitit": submitit, "repeatable": repeatable}
+    return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
+
+
+# sbatch options hpc-rerun sets itself (names as sbatch spells them, long and short): --sbatch may not touch them.
+MANAGED_SBATCH = {"job-name": "the run's job name (status tells its arrays by it)", "J": "job-name",
+                  "array": "one element per shard", "a": "array", "output": "submitit's log files", "o": "output",
+                  "error": "submitit's log files", "e": "error", "open-mode": "submitit's log files",
+                  "signal": "signal_delay_s in the profile", "requeue": "max_requeues in the profile",
+                  "wrap": "the worker command", "parsable": "the job id submitit reads"}
+
+
+@dataclass
+class SlurmOptions:
+    """How a run's arrays are submitted: defaults < the options the run was planned with < a site profile
+    (TOML, see slurm/profiles/) < command-line flags. plan.json keeps them per attempt (``to_dict``)."""
+
+    partition: str | None = _setting(None, "Slurm partition.", "--partition", "partition", "slurm_partition")
+    gres: str | None = _setting("gpu:a100:1", "GPU GRES per array element [default: gpu:a100:1].", "--gres", "gres",
+                                "slurm_gres")
+    cpus_per_task: int | None = _setting(8, "CPUs per element.", "--cpus", "cpus-per-task", "cpus_per_task")
+    mem_gb: int | None = _setting(64, "Host memory per element (GB).", "--mem-gb", "mem", "mem_gb")
+    time_min: int | None = _setting(240, "Time limit per element (minutes).", "--time-min", "time", "timeout_min")
+    array_parallelism: int | None = _setting(64, "Elements running at once.", "--array-parallelism", None,
+                                             "slurm_array_parallelism")
+    account: str | None = _setting(None, "Slurm account.", "--account", "account", "slurm_account")
+    qos: str | None = _setting(None, "Slurm QoS.", "--qos", "qos", "slurm_qos")
+    extra_sbatch: dict = _setting({}, "Extra sbatch option, e.g. --sbatch constraint=a100_80gb (repeatable).",
+                                  "--sbatch", None, "slurm_additional_parameters", repeatable=True)
+    setup: list = _setting([], "Shell line run before the worker, e.g. 'module load cuda' (repeatable).", "--setup",
+                           None, "slurm_setup", repeatable=True)
+    signal_delay_s: int | None = _setting(90, "USR2 this long before the time limit: the element requeues itself "
+                                          "and resumes.", None, None, "slurm_signal_delay_s")
+    max_requeues: int = _setting(3, "Requeues after a time limit or preemption before it ends (TIMEOUT) and "
+                                 "resubmit gives it more time.")
+
+    def __post_init__(self):
+        self.extra_sbatch = {key.lstrip("-"): value for key, value in (self.extra_sbatch or {}).items()}
+        for key in self.extra_sbatch:
+            if key in MANAGED_SBATCH or key.replace("_", "-") in MANAGED_SBATCH:
+                raise BenchmarkError(f"--sbatch {key}=...: hpc-rerun sets --{key} itself "
+                                     f"({MANAGED_SBATCH.get(key.replace('_', '-'), MANAGED_SBATCH.get(key))}); "
+                                     "leave it out")
+            own = next((f for f in fields(self) if f.metadata["sbatch"] == key.replace("_", "-")), None)
+            if own is not None:
+                raise BenchmarkError(f"--sbatch {key}=...: use {own.metadata['flag']} (or {own.name} in a profile)")
+        self.setup = list(self.setup or [])
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "SlurmOptions":
+        """The options as plan.json or a profile hold them (unknown keys: an error naming them)."""
+        data = dict(data or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise BenchmarkError(f"unknown Slurm option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def resolve(cls, flags: dict, profile: Path | None = None, base: "dict | None" = None) -> "SlurmOptions":
+        """Defaults < ``base`` (what the run was planned with) < the profile < the flags that were given
+        (``--sbatch`` as its ``KEY=VALUE`` texts)."""
+        merged = {**(base or {}), **load_profile(profile)}
+        merged.update({k: v for k, v in flags.items() if v not in (None, (), [], {})})
+        if isinstance(merged.get("extra_sbatch"), (list, tuple)):
+            merged["extra_sbatch"] = parse_sbatch(merged["extra_sbatch"])
+        return cls.from_dict(merged)
+
+    def executor_parameters(self, run_id: str) -> dict:
+        """submitit's parameters for these options (empty values left out)."""
+        params = {"name": job_name(run_id)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["submitit"] and value not in (None, "", {}, []):
+                params[f.metadata["submitit"]] = value
+        return params
+
+    def sbatch_lines(self, run_id: str, n_shards: int, folder: Path) -> list[str]:
+        """The #SBATCH lines the array is submitted with: these options, and what hpc-rerun sets itself."""
+        at_once = min(n_shards, self.array_parallelism or n_shards)
+        values = {"job-name": job_name(run_id), "array": f"0-{n_shards - 1}%{at_once}"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["sbatch"] and value not in (None, ""):
+                values[f.metadata["sbatch"]] = f"{value}GB" if f.name == "mem_gb" else value
+        values.update({"output": folder / "%A_%a_0_log.out", "error": folder / "%A_%a_0_log.err",
+                       "open-mode": "append"})
+        if self.signal_delay_s:
+            values["signal"] = f"USR2@{self.signal_delay_s}"
+        values.update(self.extra_sbatch)
+        return [f"#SBATCH --{key}={value}" for key, value in values.items()]
+
+
+def parse_sbatch(items: list[str]) -> dict[str, str]:
+    """``--sbatch KEY=VALUE`` texts -> {KEY: VALUE}."""
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BenchmarkError(f"--sbatch {item!r}: expected KEY=VALUE")
+        extra[key.lstrip("-")] = value
+    return extra
 
 
 def check_slurm_clients(commands: tuple[str, ...] = ("sbatch", "srun", "sacct", "squeue")) -> None:
@@ -56,7 +153,7 @@ def check_slurm_clients(commands: tuple[str, ...] = ("sbatch", "srun", "sacct", 
 def slurm_executor(folder: str | Path, max_requeues: int = 3):
     """A submitit executor that is Slurm for certain (``cluster="slurm"``: never submitit's silent local
     fall-back). An element signalled before its time limit requeues itself up to ``max_requeues`` times."""
-    import submitit
+    import submitit  # only where something is submitted: status and merge run without it
 
     check_slurm_clients()
     return submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=max_requeues)
@@ -66,57 +163,8 @@ def load_profile(path: str | Path | None) -> dict:
     """A site profile (TOML, see slurm/profiles/); unknown keys are an error, not a silent no-op."""
     if path is None:
         return {}
-    return read_toml(Path(path), "site profile (examples: slurm/profiles/*.toml)", list(SLURM_DEFAULTS))
-
-
-def slurm_options(profile: dict, overrides: dict) -> dict:
-    """Defaults, then the profile, then command-line flags (those that were given)."""
-    options = {**SLURM_DEFAULTS, **profile}
-    options.update({k: v for k, v in overrides.items() if v not in (None, (), [], {})})
-    return options
-
-
-def executor_parameters(options: dict, run_id: str) -> dict:
-    """submitit parameters for the options (empty values left out)."""
-    params = {
-        "name": job_name(run_id),
-        "slurm_partition": options.get("partition"),
-        "slurm_gres": options.get("gres"),
-        "cpus_per_task": options.get("cpus_per_task"),
-        "mem_gb": options.get("mem_gb"),
-        "timeout_min": options.get("time_min"),
-        "slurm_array_parallelism": options.get("array_parallelism"),
-        "slurm_account": options.get("account"),
-        "slurm_qos": options.get("qos"),
-        "slurm_additional_parameters": dict(options.get("extra_sbatch") or {}),
-        "slurm_setup": list(options.get("setup") or []),
-        "slurm_signal_delay_s": options.get("signal_delay_s"),
-    }
-    return {k: v for k, v in params.items() if v not in (None, "", {}, [])}
-
-
-def sbatch_preview(options: dict, run_path: Path, n_shards: int) -> str:
-    """The #SBATCH lines the array will be submitted with (rendered by submitit itself)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    params = executor_parameters(options, run_path.name)
-    kwargs = {
-        "job_name": params["name"],
-        "partition": params.get("slurm_partition"),
-        "gres": params.get("slurm_gres"),
-        "cpus_per_task": params.get("cpus_per_task"),
-        "mem": f"{params['mem_gb']}GB" if params.get("mem_gb") else None,
-        "time": params.get("timeout_min", 5),
-        "account": params.get("slurm_account"),
-        "qos": params.get("slurm_qos"),
-        "additional_parameters": params.get("slurm_additional_parameters"),
-        "setup": params.get("slurm_setup"),
-        "array_parallelism": params.get("slurm_array_parallelism", 256),
-        "map_count": n_shards,
-    }
-    text = _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {run_path / 'submitit'}",
-                               folder=run_path / "submitit", **kwargs)
-    return "\n".join(line for line in text.splitlines() if line.startswith("#SBATCH"))
+    return read_toml(Path(path), "site profile (examples: slurm/profiles/*.toml)",
+                     [f.name for f in fields(SlurmOptions)])
 
 
 def max_array_size() -> int:
@@ -214,7 +262,7 @@ def resolve_state(job_id: str, sacct: dict, squeue: dict, sacct_ok: bool, last_s
     accounted = sacct.get(job_id)
     if queued:  # slurmctld's own view is the freshest
         return queued
-    if accounted and accounted not in ("PENDING", "RUNNING", "REQUEUED"):
+    if accounted and accounted not in ACTIVE:
         return accounted
     recent = last_sign_of_life is not None and (now - last_sign_of_life).total_seconds() < GRACE_S
     if recent:
@@ -245,7 +293,7 @@ REQUEUE_CAUSES = {"PREEMPTED": "preempted", "REQUEUED": "signalled", "NODE_FAIL"
 def requeue_note(history: list[str], state: str) -> str | None:
     """What happened before an element's current run, while it lasts: ``requeued 1x after: preempted``."""
     earlier = [s for s in history[:-1] if s in REQUEUE_CAUSES]
-    if not earlier or state not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "ENDING"):
+    if not earlier or state not in ACTIVE:
         return None
     causes = ", ".join(dict.fromkeys(REQUEUE_CAUSES[s] for s in earlier))
     return f"requeued {len(earlier)}x after: {causes}"
@@ -266,23 +314,20 @@ class SlurmBackend:
 
     def submit(self, attempt: Attempt, options: SubmitOptions) -> str:
         """One sbatch job array per chunk of at most MaxArraySize shards."""
-        from ..inference.job import ShardJob
+        from ..inference.job import ShardJob  # imports submitit; the worker itself only when it runs
 
-        slurm = options.slurm
-        executor = slurm_executor(attempt.run.submitit_folder,
-                                  int(slurm.get("max_requeues", SLURM_DEFAULTS["max_requeues"])))
-        run_id = attempt.run.load()["run_id"]
-        executor.update_parameters(**executor_parameters(slurm, run_id))
+        slurm = options.slurm or SlurmOptions()
+        executor = slurm_executor(attempt.run.submitit_folder, slurm.max_requeues)
+        run_id = attempt.run.plan().run_id
+        executor.update_parameters(**slurm.executor_parameters(run_id))
         shards = attempt.shards
         chunk = max_array_size()
         jobs: dict[int, str] = {}
         for start in range(0, len(shards), chunk):
             part = shards[start:start + chunk]
             submitted = executor.map_array(ShardJob(), [str(attempt.spec_file(s)) for s in part])
-            jobs.update({s["shard"]: job.job_id for s, job in zip(part, submitted)})
-        extra = slurm.get("extra_sbatch") or {}
-        name = extra.get("job-name") or extra.get("job_name") or job_name(run_id)  # what sacct will show
-        attempt.record_submission(self.name, jobs, slurm, job_name=name)
+            jobs.update({s.number: job.job_id for s, job in zip(part, submitted)})
+        attempt.record_submission(self.name, jobs, slurm.to_dict(), job_name=job_name(run_id))
         arrays = sorted({j.split("_")[0] for j in jobs.values()})
         return f"{len(jobs)} shards submitted as job array {', '.join(arrays)}"
 
@@ -291,24 +336,25 @@ class SlurmBackend:
         folder = attempts[0].run.submitit_folder if attempts else None
         states = {}
         for attempt in attempts:
-            name = attempt.entry.get("job_name") or job_name(attempt.run.load()["run_id"])
-            sacct = our_states(sacct_rows, name, attempt.submitted)
-            squeue = {e: s[-1] for e, s in our_states(squeue_rows, name, attempt.submitted).items()}
+            # The name recorded at submission (versions before it recorded none: the run's own).
+            name = attempt.job_name or job_name(attempt.run.plan().run_id)
+            sacct = our_states(sacct_rows, name, attempt.submitted_at)
+            squeue = {e: s[-1] for e, s in our_states(squeue_rows, name, attempt.submitted_at).items()}
             for shard in attempt.shards:
-                job_id = attempt.jobs.get(str(shard["shard"]))
+                job_id = attempt.jobs.get(str(shard.number))
                 if not job_id:
-                    states[(attempt.number, shard["shard"])] = ElementState("PLANNED", None)
+                    states[(attempt.number, shard.number)] = ElementState("PLANNED", None)
                     continue
                 # Signs of life: the submission, the shard file, the element's submitit logs (written at each
                 # start and at the end, even by an element that never answered a task).
                 logs = [folder / f"{job_id}_0_log.{ext}" for ext in ("out", "err")]
-                alive_at = max(filter(None, (attempt.submitted, *map(_modified, [attempt.records_file(shard), *logs]))),
-                               default=None)
+                alive_at = max(filter(None, (attempt.submitted_at,
+                                             *map(_modified, [attempt.records_file(shard), *logs]))), default=None)
                 history = sacct.get(job_id, [])
                 state = resolve_state(job_id, {job_id: history[-1]} if history else {}, squeue, sacct_ok, alive_at, now)
                 if state == "FAILED" and timed_out_too_often(folder, job_id):
                     state = "TIMEOUT"
-                states[(attempt.number, shard["shard"])] = ElementState(state, job_id, requeue_note(history, state))
+                states[(attempt.number, shard.number)] = ElementState(state, job_id, requeue_note(history, state))
         return states
 
     def cancel(self, attempts: list[Attempt]) -> list[str]:

@@ -1,5 +1,5 @@
-"""What runs on a compute node: the shard worker and the model, prompts, tables, scoring and the sandbox.
+"""What runs on a compute node: the shard worker and the model, prompts and tables (scoring is ``hpc_rerun.scoring``).
 
 The only package that imports torch and transformers (lazily where a login-node step needs a part of it:
-scoring in merge and rescore, the job class in submit). Everything outside it runs without them.
+the job class in submit). Everything outside it runs without them.
 """
