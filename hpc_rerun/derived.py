@@ -18,21 +18,23 @@ import io
 import textwrap
 from pathlib import Path
 
+from .aggregates import (
+    DEFAULT_TYPE_METRICS,
+    QUESTION_TYPES,
+    TYPE_METRICS,
+    Level,
+    TypeMetrics,
+    is_rounded,
+    items_by_type,
+    overall_score,
+)
 from .atomic import atomic_write_bytes
-from .results import Level, ShareRule, is_rounded, items_by_type, metric_means
 
 CSV_NAME, MARKDOWN_NAME = "aggregate_metrics.csv", "aggregate_metrics.md"
 SUMMARY_NAME = "modality_summary.csv"  # per variant: configurations x question types, then Overall
 SUMMARY_FORMATS = ["image", "latex", "html", "markdown", "json", "csv"]  # where a new configuration's row goes
 FIRST_COLUMNS = ["EM", "F1", "ROUGE-L", "SacreBLEU", "Pass", "ECR"]
 SHARES = ("Pass", "ECR")
-QUESTION_TYPES = ["Fact Checking", "Numerical Reasoning", "Structure Comprehending", "Data Analysis", "Visualization"]
-# The metrics of the users' notebook per question type (its TASK_METRICS, in its order): the score of a type
-# in modality_summary.csv is their mean, the paper table shows each. ECR/Pass are % of all the type's items.
-TYPE_METRICS = {"Fact Checking": ("F1", "EM"), "Numerical Reasoning": ("F1", "EM"),
-                "Structure Comprehending": ("F1", "EM"), "Data Analysis": ("ROUGE-L", "F1", "EM"),
-                "Visualization": ("ECR", "Pass")}
-DEFAULT_TYPE_METRICS = ("F1", "EM")
 
 
 def aggregate_frame(aggregates: dict):
@@ -119,29 +121,6 @@ def refresh(result_path: Path, aggregates: dict, create: bool = False, dry_run: 
     return written
 
 
-class TypeMetrics(dict):
-    """Question type -> metric -> value: the metrics of the users' notebook (``TYPE_METRICS``, in its order)
-    as it counts them, means, and ECR/Pass as % of all the type's items. The summary's scores and the paper
-    table are both made of these, so one configuration's numbers are read once; a plain dict underneath, so
-    a merge's JSON report carries them."""
-
-    def scores(self) -> dict[str, float]:
-        """The users' score per question type: the mean of its metrics, where the type has all of them."""
-        return {t: sum(m.values()) / len(m) for t, m in self.items()
-                if len(m) == len(TYPE_METRICS.get(t, DEFAULT_TYPE_METRICS))}
-
-
-def type_scores(items: list[dict]) -> dict[str, float]:
-    """Per question type, the users' score of these items."""
-    scores = {}
-    for question_type, group in items_by_type(items).items():
-        means = metric_means(group, ShareRule(100.0, False), with_time=False)
-        wanted = TYPE_METRICS.get(question_type, DEFAULT_TYPE_METRICS)
-        if all(m in means for m in wanted):
-            scores[str(question_type)] = sum(means[m] for m in wanted) / len(wanted)
-    return scores
-
-
 def aggregate_type_metrics(aggregates: dict, items: list[dict] | None = None) -> TypeMetrics:
     """The users' metrics per question type from a file's stored aggregates, in the users' order (shares as
     percentages; a Pass the file counts over ECR-true items, as found from ``items``, made a share of all
@@ -165,13 +144,6 @@ def aggregate_type_metrics(aggregates: dict, items: list[dict] | None = None) ->
 def aggregate_type_scores(aggregates: dict, items: list[dict] | None = None) -> dict[str, float]:
     """The users' score per question type from a file's stored aggregates (see ``aggregate_type_metrics``)."""
     return aggregate_type_metrics(aggregates, items).scores()
-
-
-def overall_score(scores: dict[str, float]) -> float:
-    """The users' Overall: the mean of every metric value behind the type scores, pooled (a Data Analysis
-    score stands for three values, the others for two), e.g. mix_latex's (2 FC + 2 NR + 2 SC + 3 DA + 2 Viz) / 11."""
-    weights = {t: len(TYPE_METRICS.get(t, DEFAULT_TYPE_METRICS)) for t in scores}
-    return sum(scores[t] * weights[t] for t in scores) / sum(weights.values())
 
 
 def summary_order(leaf: str) -> tuple:

@@ -20,19 +20,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .aggregates import TypeMetrics, recompute_aggregates, type_scores
 from .atomic import atomic_write_bytes, dump_json, sha256_file
 from .benchmark import Config
-from .derived import (
-    TypeMetrics,
-    aggregate_type_metrics,
-    summary_tolerance,
-    type_scores,
-    update_summary,
-    write_merge_report,
-)
+from .derived import aggregate_type_metrics, summary_tolerance, update_summary, write_merge_report
 from .derived import refresh as refresh_derived
 from .paper_table import refresh_table
-from .results import ResultFile, ResultFileError, item_ok, load_result_file, recompute_aggregates
+from .results import ResultFile, ResultFileError, item_ok, load_result_file
 from .rundir import Plan, Provenance, Record, RunDir, best_records
 from .scan import discover_configs, load_run_dir_for
 from .scoring.metrics import in_convention, not_run_pass

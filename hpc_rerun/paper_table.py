@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .aggregates import TYPE_METRICS, TypeMetrics
 from .atomic import atomic_write_bytes
-from .derived import TYPE_METRICS, TypeMetrics, same_number
+from .derived import same_number
 
 TABLE_NAME = "results_table.tex"
 ROWS = {  # configuration -> the row's label, in the table's order

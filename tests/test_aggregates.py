@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from hpc_rerun.results import recompute_aggregates
+from hpc_rerun.aggregates import recompute_aggregates
 
 TEXT_TYPES = ["Fact Checking", "Numerical Reasoning", "Structure Comprehending", "Data Analysis"]
 

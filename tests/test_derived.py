@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from hpc_rerun.aggregates import overall_score
 from hpc_rerun.cli import main
-from hpc_rerun.derived import CSV_NAME, MARKDOWN_NAME, SUMMARY_NAME, aggregate_tables, aggregate_type_metrics
+from hpc_rerun.derived import (
+    CSV_NAME,
+    MARKDOWN_NAME,
+    SUMMARY_NAME,
+    aggregate_tables,
+    aggregate_type_metrics,
+    aggregate_type_scores,
+    merge_figure,
+    write_merge_report,
+)
+from hpc_rerun.results import load_result_file
 
 MINI = Path(__file__).parent / "fixtures" / "realhitbench-mini"
 COMPLIED = MINI / "results" / "complied"
@@ -136,7 +147,6 @@ def test_scores_per_question_type_are_the_users_modality_summary_and_the_charts_
 
     from PIL import Image
 
-    from hpc_rerun.derived import aggregate_type_scores, overall_score
 
     complied = COMPLIED
     summary, overall = {}, {}
@@ -176,8 +186,6 @@ def test_report_keeps_the_users_summary_and_a_merge_rewrites_only_the_rows_it_ch
     aggregates; text_json's Visualization, whose Pass rule the excerpt cannot show, is kept with a warning).
     A merge into text_html rewrites text_html's row, its cells and Overall from the new aggregates, and
     leaves every other line byte for byte."""
-    from hpc_rerun.derived import SUMMARY_NAME, aggregate_type_scores, overall_score
-    from hpc_rerun.results import load_result_file
 
     tree = tmp_path / "results"
     shutil.copytree(MINI / "results", tree)
@@ -201,8 +209,6 @@ def test_report_keeps_the_users_summary_and_a_merge_rewrites_only_the_rows_it_ch
 
 
 def test_report_creates_a_summary_on_request_in_the_users_shape(tmp_path):
-    from hpc_rerun.derived import SUMMARY_NAME, aggregate_type_scores, overall_score
-    from hpc_rerun.results import load_result_file
 
     tree = tmp_path / "results"
     shutil.copytree(COMPLIED, tree)
@@ -267,7 +273,6 @@ def test_report_makes_the_paper_table_only_with_create_in_the_users_layout(tmp_p
 
 def test_a_merge_rewrites_the_paper_table_cells_it_changed_and_nothing_else(tmp_path):
     from hpc_rerun.paper_table import row_cells
-    from hpc_rerun.results import load_result_file
 
     tree = tmp_path / "results"
     shutil.copytree(MINI / "results", tree)
@@ -285,7 +290,6 @@ def test_a_merge_rewrites_the_paper_table_cells_it_changed_and_nothing_else(tmp_
 
 def merge_rows(configs: list[str], changed_every: int = 3) -> list[dict]:
     """Before/after rows as a merge reports them, from the users' stored scores with a few changes."""
-    from hpc_rerun.derived import aggregate_type_scores
 
     rows = []
     for n, config in enumerate(configs):
@@ -303,7 +307,6 @@ def test_the_merge_report_is_a_heat_map_per_variant_readable_at_any_size(tmp_pat
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from hpc_rerun.derived import merge_figure, write_merge_report
 
     configs = [c for c, stored in STORED.items() if stored["aggregate_metrics"]][:count]
     rows = merge_rows(configs)
